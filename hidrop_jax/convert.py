@@ -1,0 +1,303 @@
+"""Weight exchange with Hugging Face LLaVA checkpoints (safetensors).
+
+One declarative table maps each HF tensor (legacy hub layout) to a parameter path and a
+transform; import reads every key layout transformers has used, and stacks per-layer tensors
+for `nn.scan`.
+
+    python -m hidrop_jax.convert import-hf HF_DIR OUT_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from hidrop_jax.config import model_config
+from hidrop_jax.hidrop.schedule import hidrop_config
+
+# (HF name in the legacy hub layout, parameter path, transform). `{i}` marks a stacked layer.
+# linear: HF [out, in] <-> [in, out]; conv: [O, I, kh, kw] <-> [kh, kw, I, O]; copy: as is.
+_V = "vision_tower.vision_model."
+_T = "language_model.model."
+TABLE = [
+    (_V + "embeddings.patch_embedding.weight", "vision/embeddings/patch_embedding/kernel", "conv"),
+    (_V + "embeddings.class_embedding", "vision/embeddings/class_embedding", "copy"),
+    (_V + "embeddings.position_embedding.weight", "vision/embeddings/position_embedding", "copy"),
+    (_V + "pre_layrnorm.weight", "vision/embeddings/pre_layrnorm/scale", "copy"),
+    (_V + "pre_layrnorm.bias", "vision/embeddings/pre_layrnorm/bias", "copy"),
+    (_V + "post_layernorm.weight", "vision/post_layernorm/scale", "copy"),
+    (_V + "post_layernorm.bias", "vision/post_layernorm/bias", "copy"),
+    *[(_V + f"encoder.layers.{{i}}.self_attn.{p}.weight", f"vision/layers/{p}/kernel", "linear")
+      for p in ("q_proj", "k_proj", "v_proj", "out_proj")],
+    *[(_V + f"encoder.layers.{{i}}.self_attn.{p}.bias", f"vision/layers/{p}/bias", "copy")
+      for p in ("q_proj", "k_proj", "v_proj", "out_proj")],
+    *[(_V + f"encoder.layers.{{i}}.{n}.weight", f"vision/layers/{n}/scale", "copy")
+      for n in ("layer_norm1", "layer_norm2")],
+    *[(_V + f"encoder.layers.{{i}}.{n}.bias", f"vision/layers/{n}/bias", "copy")
+      for n in ("layer_norm1", "layer_norm2")],
+    *[(_V + f"encoder.layers.{{i}}.mlp.{p}.weight", f"vision/layers/{p}/kernel", "linear") for p in ("fc1", "fc2")],
+    *[(_V + f"encoder.layers.{{i}}.mlp.{p}.bias", f"vision/layers/{p}/bias", "copy") for p in ("fc1", "fc2")],
+    *[(f"multi_modal_projector.{p}.weight", f"projector/{p}/kernel", "linear") for p in ("linear_1", "linear_2")],
+    *[(f"multi_modal_projector.{p}.bias", f"projector/{p}/bias", "copy") for p in ("linear_1", "linear_2")],
+    (_T + "embed_tokens.weight", "text/embed_tokens/embedding", "copy"),
+    (_T + "layers.{i}.input_layernorm.weight", "text/layers/input_layernorm/weight", "copy"),
+    (_T + "layers.{i}.post_attention_layernorm.weight", "text/layers/post_attention_layernorm/weight", "copy"),
+    *[(_T + f"layers.{{i}}.self_attn.{p}.weight", f"text/layers/self_attn/{p}/kernel", "linear")
+      for p in ("q_proj", "k_proj", "v_proj", "o_proj")],
+    *[(_T + f"layers.{{i}}.mlp.{p}.weight", f"text/layers/mlp/{p}/kernel", "linear")
+      for p in ("gate_proj", "up_proj", "down_proj")],
+    (_T + "norm.weight", "text/norm/weight", "copy"),
+    ("language_model.lm_head.weight", "text/lm_head/kernel", "linear"),
+]
+
+# Other layouts transformers has written -> the legacy hub layout, applied in order.
+_ALIASES = [
+    (r"^model\.language_model\.", "language_model.model."),
+    (r"^model\.vision_tower\.", "vision_tower."),
+    (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+    (r"^lm_head\.", "language_model.lm_head."),
+    (r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),
+]
+
+
+def canonical_name(name: str) -> str:
+    for pat, rep in _ALIASES:
+        name = re.sub(pat, rep, name)
+    return name
+
+
+def _to_ours(kind: str, a: np.ndarray) -> np.ndarray:
+    return {"linear": lambda x: x.T, "conv": lambda x: x.transpose(2, 3, 1, 0), "copy": lambda x: x}[kind](a)
+
+
+def _to_hf(kind: str, a: np.ndarray) -> np.ndarray:
+    return {"linear": lambda x: x.T, "conv": lambda x: x.transpose(3, 2, 0, 1), "copy": lambda x: x}[kind](a)
+
+
+def expected_tensors(cfg):
+    """{HF name: (parameter path, layer index or None, kind)} for this config."""
+    m = cfg.model
+    out = {}
+    for hf, path, kind in TABLE:
+        if path.startswith("text/lm_head") and m.text.tie_word_embeddings:
+            continue
+        if "{i}" in hf:
+            n = m.vision.num_layers if path.startswith("vision/") else m.text.num_layers
+            for i in range(n):
+                out[hf.format(i=i)] = (path, i, kind)
+        else:
+            out[hf] = (path, None, kind)
+    return out
+
+
+# ----------------------------------------------------------------------------- config
+
+def _unsupported(field, value, allowed):
+    raise ValueError(f"HF config field `{field}` = {value!r} is not supported; allowed: {allowed}")
+
+
+def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
+    """Our config (`cfg.model`, `cfg.hidrop` = vanilla) from a LLaVA `config.json` dict."""
+    if hf.get("model_type") != "llava":
+        _unsupported("model_type", hf.get("model_type"), "'llava'")
+    v, t = hf.get("vision_config", {}), hf.get("text_config", {})
+    if v.get("model_type", "clip_vision_model") != "clip_vision_model":
+        _unsupported("vision_config.model_type", v.get("model_type"), "'clip_vision_model'")
+    if t.get("model_type", "llama") != "llama":
+        _unsupported("text_config.model_type", t.get("model_type"), "'llama'")
+    for field in ("attention_bias", "mlp_bias"):
+        if t.get(field):
+            _unsupported(f"text_config.{field}", t[field], "false")
+    rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        _unsupported("text_config.rope_parameters.rope_type", rope.get("rope_type"), "'default'")
+    theta = rope.get("rope_theta", t.get("rope_theta", 10000.0))
+    fl = hf.get("vision_feature_layer", -2)
+    if not isinstance(fl, int):
+        _unsupported("vision_feature_layer", fl, "a single int (one CLIP layer)")
+    heads = t.get("num_attention_heads", 32)
+    model = model_config(
+        vision=dict(
+            image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 32),
+            num_channels=v.get("num_channels", 3), hidden_size=v.get("hidden_size", 768),
+            intermediate_size=v.get("intermediate_size", 3072),
+            num_layers=v.get("num_hidden_layers", 12), num_heads=v.get("num_attention_heads", 12),
+            layer_norm_eps=v.get("layer_norm_eps", 1e-5), hidden_act=v.get("hidden_act", "quick_gelu")),
+        text=dict(
+            vocab_size=t.get("vocab_size", 32000), hidden_size=t.get("hidden_size", 4096),
+            intermediate_size=t.get("intermediate_size", 11008),
+            num_layers=t.get("num_hidden_layers", 32), num_heads=heads,
+            num_kv_heads=t.get("num_key_value_heads") or heads,
+            head_dim=t.get("head_dim") or t.get("hidden_size", 4096) // heads,
+            rms_norm_eps=t.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            hidden_act=t.get("hidden_act", "silu"),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", t.get("tie_word_embeddings", False))),
+            max_position_embeddings=t.get("max_position_embeddings", 4096)),
+        projector_act=hf.get("projector_hidden_act", "gelu"),
+        projector_bias=hf.get("multimodal_projector_bias", True),
+        image_token_id=hf.get("image_token_index", hf.get("image_token_id", 32000)),
+        feature_layer=fl,
+        select_strategy=hf.get("vision_feature_select_strategy", "default"),
+    )
+    from hidrop_jax.config import n_vision_tokens
+    return ml_collections.ConfigDict(dict(
+        model=model, hidrop=hidrop_config("vanilla", model.text.num_layers, n_vision_tokens(model))))
+
+
+def config_to_hf(cfg) -> dict:
+    """A LLaVA `config.json` dict for `cfg.model`, loadable by transformers 4.57 and 5.x (both
+    `rope_theta` and `rope_parameters`: 4.57 ignores the latter silently)."""
+    from hidrop_jax.config import n_vision_tokens
+    m = cfg.model
+    v, t = m.vision, m.text
+    return {
+        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+        "image_token_index": m.image_token_id, "image_seq_length": n_vision_tokens(m),
+        "projector_hidden_act": m.projector.hidden_act, "multimodal_projector_bias": m.projector.bias,
+        "vision_feature_layer": m.feature_layer, "vision_feature_select_strategy": m.select_strategy,
+        "tie_word_embeddings": t.tie_word_embeddings,
+        "vision_config": {
+            "model_type": "clip_vision_model", "image_size": v.image_size, "patch_size": v.patch_size,
+            "num_channels": v.num_channels, "hidden_size": v.hidden_size,
+            "intermediate_size": v.intermediate_size, "num_hidden_layers": v.num_layers,
+            "num_attention_heads": v.num_heads, "layer_norm_eps": v.layer_norm_eps,
+            "hidden_act": v.hidden_act, "projection_dim": v.hidden_size},
+        "text_config": {
+            "model_type": "llama", "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_layers,
+            "num_attention_heads": t.num_heads, "num_key_value_heads": t.num_kv_heads,
+            "head_dim": t.head_dim, "rms_norm_eps": t.rms_norm_eps, "rope_theta": t.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta},
+            "hidden_act": t.hidden_act, "max_position_embeddings": t.max_position_embeddings,
+            "tie_word_embeddings": t.tie_word_embeddings, "attention_bias": False, "mlp_bias": False},
+    }
+
+
+# ----------------------------------------------------------------------------- import
+
+def _safetensor_files(hf_dir: Path):
+    index = hf_dir / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (hf_dir / s).exists()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that do not exist: {missing}")
+        return [hf_dir / s for s in shards]
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors (or model.safetensors.index.json) in {hf_dir}")
+    return files
+
+
+def _read_tensors(files):
+    """Yields (name, float32 numpy array); bf16/fp16 files are widened (we keep fp32 masters)."""
+    from safetensors import safe_open
+    for f in files:
+        with safe_open(str(f), framework="flax") as st:
+            for name in st.keys():
+                yield name, np.asarray(st.get_tensor(name), dtype=np.float32)
+
+
+def _set(tree: dict, path: str, value):
+    *parents, leaf = path.split("/")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+    tree[leaf] = value
+
+
+def params_from_tensors(cfg, tensors) -> dict:
+    """Maps (name, array) pairs to our parameter tree; every problem is named in one error."""
+    from hidrop_jax.model import abstract_params
+    want = expected_tensors(cfg)
+    shapes = {"/".join(str(k.key) for k in path): leaf.shape
+              for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]}
+    seen, errors, stacks, params = set(), [], {}, {}
+    for raw, arr in tensors:
+        name = canonical_name(raw)
+        if name not in want:
+            errors.append(f"unexpected tensor {raw!r} {tuple(arr.shape)}")
+            continue
+        path, layer, kind = want[name]
+        seen.add(name)
+        value = _to_ours(kind, arr)
+        target = shapes[path][1:] if layer is not None else shapes[path]
+        if value.shape != tuple(target):
+            hf_shape = tuple(_to_hf(kind, np.empty(target, np.int8)).shape)
+            errors.append(f"tensor {raw!r} has shape {tuple(arr.shape)}, expected {hf_shape}")
+            continue
+        if layer is None:
+            _set(params, path, value)
+        else:
+            stacks.setdefault(path, {})[layer] = value
+    errors += [f"missing tensor {n!r}" for n in sorted(set(want) - seen)]
+    if errors:
+        raise ValueError("checkpoint does not match its config:\n  " + "\n  ".join(errors))
+    for path, layers in stacks.items():
+        _set(params, path, np.stack([layers[i] for i in range(len(layers))]))
+    return params
+
+
+def load_hf(hf_dir) -> tuple[ml_collections.ConfigDict, dict]:
+    """(cfg, params) from a HF LLaVA directory (config.json + safetensors, sharded or not)."""
+    hf_dir = Path(hf_dir)
+    cfg_file = hf_dir / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{cfg_file} does not exist (expected a Hugging Face model directory)")
+    cfg = config_from_hf(json.loads(cfg_file.read_text()))
+    params = params_from_tensors(cfg, _read_tensors(_safetensor_files(hf_dir)))
+    return cfg, jax.tree.map(np.asarray, params)
+
+
+# ----------------------------------------------------------------------------- our checkpoints
+
+def save_checkpoint(out_dir, cfg, params) -> None:
+    """OUT_DIR/config.json + OUT_DIR/params (orbax; written to a temp dir, renamed when done)."""
+    import orbax.checkpoint as ocp
+    out = Path(out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(out / "params", params, force=True)
+        ckptr.wait_until_finished()
+    tmp = out / "config.json.tmp"
+    tmp.write_text(cfg.to_json(indent=1))
+    os.replace(tmp, out / "config.json")
+
+
+def load_checkpoint(ckpt_dir):
+    """(cfg, params) written by `save_checkpoint`; shapes checked against the config."""
+    import orbax.checkpoint as ocp
+    from hidrop_jax.model import abstract_params
+    d = Path(ckpt_dir).absolute()
+    for need in ("config.json", "params"):
+        if not (d / need).exists():
+            raise FileNotFoundError(f"{d / need} does not exist (not a hidrop_jax checkpoint)")
+    cfg = ml_collections.ConfigDict(json.loads((d / "config.json").read_text()))
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(d / "params", abstract_params(cfg))
+    return cfg, params
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m hidrop_jax.convert", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import-hf", help="HF LLaVA dir -> orbax checkpoint + config.json")
+    imp.add_argument("hf_dir")
+    imp.add_argument("out_dir")
+    args = ap.parse_args(argv)
+    if args.cmd == "import-hf":
+        cfg, params = load_hf(args.hf_dir)
+        save_checkpoint(args.out_dir, cfg, params)
+        from hidrop_jax.model import count_params
+        print(f"imported {count_params(params):,} parameters from {args.hf_dir} -> {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""HiDrop: late injection, concave pyramid pruning, early exit (schedule, selection, analysis)."""

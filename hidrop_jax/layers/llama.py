@@ -1,0 +1,123 @@
+"""Llama decoder: RMSNorm, grouped-query attention with RoPE at explicit positions, SwiGLU."""
+
+import dataclasses
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hidrop_jax.layers.attention import attention
+from hidrop_jax.layers.common import INIT, checkpoint_name, dense
+from hidrop_jax.layers.rope import apply_rope
+
+
+@dataclasses.dataclass(frozen=True)
+class TextDims:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    dtype: jnp.dtype = jnp.float32
+    attention_impl: Optional[str] = None
+
+
+class RMSNorm(nn.Module):
+    """HF LlamaRMSNorm: normalise in float32, cast back, then scale."""
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return w.astype(self.dtype) * y.astype(self.dtype)
+
+
+class LlamaAttention(nn.Module):
+    dims: TextDims
+
+    def setup(self):
+        d = self.dims
+        self.q_proj = dense(d.num_heads * d.head_dim, ("embed", "heads"), use_bias=False, dtype=d.dtype, name="q_proj")
+        self.k_proj = dense(d.num_kv_heads * d.head_dim, ("embed", "kv_heads"), use_bias=False, dtype=d.dtype, name="k_proj")
+        self.v_proj = dense(d.num_kv_heads * d.head_dim, ("embed", "kv_heads"), use_bias=False, dtype=d.dtype, name="v_proj")
+        self.o_proj = dense(d.hidden_size, ("heads", "embed"), use_bias=False, dtype=d.dtype, name="o_proj")
+
+    def _heads(self, x, n):
+        return x.reshape(*x.shape[:-1], n, self.dims.head_dim)
+
+    def query(self, x, rope):
+        """Rotated queries [B, T, N, H]; `rope` = (cos, sin) at the tokens' positions."""
+        return apply_rope(self._heads(self.q_proj(x), self.dims.num_heads), *rope)
+
+    def key_value(self, x, rope):
+        """Rotated keys and values [B, S, K, H]."""
+        k = apply_rope(self._heads(self.k_proj(x), self.dims.num_kv_heads), *rope)
+        return k, self._heads(self.v_proj(x), self.dims.num_kv_heads)
+
+    def __call__(self, x, rope, pos, valid, bias=None):
+        q = self.query(x, rope)
+        k, v = self.key_value(x, rope)
+        out = attention(q, k, v, pos, pos, valid, bias=bias, implementation=self.dims.attention_impl)
+        return self.o_proj(out.reshape(*x.shape[:-1], -1))
+
+
+class LlamaMLP(nn.Module):
+    dims: TextDims
+
+    @nn.compact
+    def __call__(self, x):
+        d = self.dims
+        gate = dense(d.intermediate_size, ("embed", "mlp"), use_bias=False, dtype=d.dtype, name="gate_proj")(x)
+        up = dense(d.intermediate_size, ("embed", "mlp"), use_bias=False, dtype=d.dtype, name="up_proj")(x)
+        return dense(d.hidden_size, ("mlp", "embed"), use_bias=False, dtype=d.dtype, name="down_proj")(
+            nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm Llama block. Scan-compatible: `(x, ...) -> (x, None)`."""
+    dims: TextDims
+
+    def setup(self):
+        d = self.dims
+        self.input_layernorm = RMSNorm(d.rms_norm_eps, d.dtype)
+        self.self_attn = LlamaAttention(d)
+        self.post_attention_layernorm = RMSNorm(d.rms_norm_eps, d.dtype)
+        self.mlp = LlamaMLP(d)
+
+    def attention_inputs(self, xq, rope_q, xk, rope_k):
+        """Rotated queries of rows `xq` and keys of `xk` after the input norm: what a score
+        of the attention this layer would pay needs, without running the attention."""
+        q = self.self_attn.query(self.input_layernorm(xq), rope_q)
+        return q, self.self_attn.key_value(self.input_layernorm(xk), rope_k)[0]
+
+    def __call__(self, x, rope, pos, valid, bias=None):
+        h = self.self_attn(self.input_layernorm(x), rope, pos, valid, bias)
+        x = x + checkpoint_name(h, "attn_out")
+        h = self.mlp(self.post_attention_layernorm(x))
+        return x + checkpoint_name(h, "mlp_out"), None
+
+
+class Embedder(nn.Module):
+    """Token embedding; `attend` is the tied output head (x @ E^T)."""
+    vocab_size: int
+    hidden_size: int
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding", nn.with_logical_partitioning(INIT, ("vocab", "embed")),
+            (self.vocab_size, self.hidden_size), jnp.float32)
+
+    def __call__(self, ids):
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+    def attend(self, x):
+        return jnp.einsum("...d,vd->...v", x, self.embedding.astype(self.dtype))

@@ -1,0 +1,310 @@
+"""LLaVA with HiDrop: the one place that wires vision ∥ text, injection, pruning stages and exit.
+
+Native input (`Inputs`): a right-padded text stream with persistent positions, plus where each
+sample's image slot starts and its pixels. In memory the stream is [text (T) | vision block];
+causality comes from positions, so the vision block can sit at the end, shrink, and leave.
+
+    pixels ─► CLIP (feature layer) ─► projector ─────────────────────────┐ (no text dependence)
+    text ─► embed ─► layers [0, inject) ─► join ─► stage ─► cut ─► … ─► exit ─► layers ─► head
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hidrop_jax.config import feature_layers_run, n_vision_tokens
+from hidrop_jax.hidrop import schedule as schedule_lib
+from hidrop_jax.hidrop.select import score_vision, select
+from hidrop_jax.layers.clip import VisionDims, init_vision, vision_hidden_state
+from hidrop_jax.layers.common import dense, slice_layers, stacked
+from hidrop_jax.layers.llama import DecoderLayer, Embedder, RMSNorm, TextDims
+from hidrop_jax.layers.projector import Projector
+from hidrop_jax.layers.rope import rope_tables
+
+
+class Inputs(NamedTuple):
+    """The model's native batch. Shapes are static; nothing depends on data for its shape."""
+    text_ids: jax.Array      # [B, T] int32, right-padded text stream (no image tokens)
+    text_pos: jax.Array      # [B, T] int32 persistent positions (text after the image +n_vision)
+    text_valid: jax.Array    # [B, T] bool
+    image_slot: jax.Array    # [B] int32, position of the first of the n_vision reserved slots
+    has_image: jax.Array     # [B] bool; a sample without one keeps its vision slots masked out
+    pixels: Optional[jax.Array] = None       # [B, H, W, C] float; None = text-only batch
+    query_idx: Optional[jax.Array] = None    # [B, Q] int32 text-stream rows scoring the cuts
+    query_valid: Optional[jax.Array] = None  # [B, Q] bool; None = last valid prompt token
+
+
+def _dtype(m):
+    return jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32
+
+
+def text_dims(m) -> TextDims:
+    t = m.text
+    return TextDims(t.vocab_size, t.hidden_size, t.intermediate_size, t.num_heads, t.num_kv_heads,
+                    t.head_dim, t.rms_norm_eps, t.rope_theta, _dtype(m), m.get("attention_impl"))
+
+
+def vision_dims(m) -> VisionDims:
+    v = m.vision
+    return VisionDims(v.image_size, v.patch_size, v.num_channels, v.hidden_size,
+                      v.intermediate_size, v.num_layers, v.num_heads, v.layer_norm_eps,
+                      v.hidden_act, _dtype(m))
+
+
+# ----------------------------------------------------------------------------- parameters
+
+def _init_boxed(cfg, rng):
+    m = cfg.model
+    td, vd = text_dims(m), vision_dims(m)
+    r = jax.random.split(rng, 6)
+    x = jnp.zeros((1, 1, td.hidden_size), jnp.float32)
+    pos = jnp.zeros((1, 1), jnp.int32)
+    rope = rope_tables(pos, td.head_dim, td.rope_theta)
+    text = {
+        "embed_tokens": Embedder(td.vocab_size, td.hidden_size).init(r[0], pos)["params"],
+        "layers": stacked(DecoderLayer, m.text.num_layers)(td).init(
+            r[1], x, rope, pos, pos == 0)["params"],
+        "norm": RMSNorm(td.rms_norm_eps).init(r[2], x)["params"],
+    }
+    if not m.text.tie_word_embeddings:
+        text["lm_head"] = dense(td.vocab_size, ("embed", "vocab"), use_bias=False,
+                                dtype=jnp.float32, name="lm_head").init(r[3], x)["params"]
+    return {
+        "vision": init_vision(vd, r[4]),
+        "projector": Projector(td.hidden_size, m.projector.bias).init(
+            r[5], jnp.zeros((1, 1, vd.hidden_size)))["params"],
+        "text": text,
+    }
+
+
+def init_params(cfg, rng):
+    """Random float32 parameters (plain arrays; logical axes come from `param_axes`)."""
+    return nn.unbox(jax.jit(lambda k: _init_boxed(cfg, k))(rng))
+
+
+def abstract_params(cfg):
+    """Shapes and dtypes only (`jax.eval_shape`): nothing is allocated."""
+    return jax.eval_shape(lambda: nn.unbox(_init_boxed(cfg, jax.random.PRNGKey(0))))
+
+
+def param_axes(cfg):
+    """Logical axis names per parameter (a PartitionSpec tree over logical names)."""
+    return nn.get_partition_spec(jax.eval_shape(lambda: _init_boxed(cfg, jax.random.PRNGKey(0))))
+
+
+def count_params(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def encode_image(m, params, pixels):
+    """pixels [B, H, W, C] -> projected vision tokens [B, n_vision, D_text]. Depends on nothing
+    textual, so XLA may run it beside the text-only layers ("parallel decoupling")."""
+    h = vision_hidden_state(vision_dims(m), params["vision"], pixels, feature_layers_run(m),
+                            remat=m.remat, unroll=m.scan_unroll)
+    if m.select_strategy == "default":
+        h = h[:, 1:]
+    proj = Projector(m.text.hidden_size, m.projector.bias, _dtype(m))
+    return proj.apply({"params": params["projector"]}, h)
+
+
+def run_layers(m, layers, start: int, stop: int, x, rope, pos, valid):
+    """Decoder layers [start, stop) as one scan over the stacked parameters."""
+    stack = stacked(DecoderLayer, stop - start, remat=m.remat, unroll=m.scan_unroll)(text_dims(m))
+    return stack.apply({"params": slice_layers(layers, start, stop)}, x, rope, pos, valid)[0]
+
+
+def lm_logits(m, text_params, x):
+    td = text_dims(m)
+    h = RMSNorm(td.rms_norm_eps, td.dtype).apply({"params": text_params["norm"]}, x)
+    if m.text.tie_word_embeddings:
+        emb = Embedder(td.vocab_size, td.hidden_size, td.dtype)
+        out = emb.apply({"params": text_params["embed_tokens"]}, h, method=Embedder.attend)
+    else:
+        out = dense(td.vocab_size, ("embed", "vocab"), use_bias=False, dtype=td.dtype,
+                    name="lm_head").apply({"params": text_params["lm_head"]}, h)
+    return out.astype(jnp.float32)
+
+
+def last_prompt_row(inputs: Inputs):
+    """Inference query row: the valid text token with the largest position, [B, 1]."""
+    idx = jnp.argmax(jnp.where(inputs.text_valid, inputs.text_pos, -1), axis=1)
+    return idx[:, None].astype(jnp.int32), inputs.text_valid.any(axis=1, keepdims=True)
+
+
+def _positions(s, inputs: Inputs, vis_idx, alive, n_tokens: int):
+    """Text and vision positions for a stage holding `n_tokens` vision tokens.
+
+    persistent: every token keeps its full-sequence position (the paper's choice).
+    group:      text persistent; kept vision tokens renumbered contiguously from the slot.
+    compacted:  PyramidDrop-style; vision renumbered and the text after it shifted back.
+    """
+    slot = inputs.image_slot[:, None]
+    text_pos = inputs.text_pos
+    if s.positions == "persistent":
+        return text_pos, slot + vis_idx
+    rank = jnp.cumsum(alive, axis=1) - 1 if s.selection == "mask" else jnp.arange(vis_idx.shape[1])[None]
+    if s.positions == "compacted":
+        after = inputs.has_image[:, None] & (text_pos > slot)
+        text_pos = jnp.where(after, text_pos - (s.n_vision - n_tokens), text_pos)
+    return text_pos, slot + rank
+
+
+# ----------------------------------------------------------------------------- forward
+
+def forward(cfg, params, inputs: Inputs, *, return_aux: bool = False):
+    """Logits [B, T, V] float32 for the text stream, under `cfg.hidrop`'s schedule.
+
+    aux (if asked): `kept` = per cut the original vision indices kept [B, k]; `stage_text` = the
+    text stream's hidden state after each segment.
+    """
+    m = cfg.model
+    s = schedule_lib.from_config(cfg)
+    td = text_dims(m)
+    layers = params["text"]["layers"]
+    b, T = inputs.text_ids.shape
+    x = Embedder(td.vocab_size, td.hidden_size, td.dtype).apply(
+        {"params": params["text"]["embed_tokens"]}, inputs.text_ids)
+
+    vision = None if inputs.pixels is None else encode_image(m, params, inputs.pixels)
+    vis_idx = jnp.broadcast_to(jnp.arange(s.n_vision, dtype=jnp.int32), (b, s.n_vision))
+    alive = jnp.broadcast_to(inputs.has_image[:, None], (b, s.n_vision))
+    if inputs.query_idx is None:
+        q_idx, q_valid = last_prompt_row(inputs)
+    else:
+        q_idx, q_valid = inputs.query_idx, inputs.query_valid
+    aux = {"kept": [], "stage_text": []}
+    in_stream = False
+    for a, stop, n_tokens in s.segments():
+        if vision is not None and a == s.inject_layer:
+            x, in_stream = jnp.concatenate([x, vision.astype(x.dtype)], axis=1), True
+        if in_stream and a == s.exit:
+            x, in_stream = x[:, :T], False
+        text_pos, vis_pos = _positions(s, inputs, vis_idx, alive, n_tokens if in_stream else 0)
+        if in_stream:
+            pos = jnp.concatenate([text_pos, vis_pos], axis=1)
+            valid = jnp.concatenate([inputs.text_valid, alive], axis=1)
+        else:
+            pos, valid = text_pos, inputs.text_valid
+        rope = rope_tables(pos, td.head_dim, td.rope_theta)
+        x = run_layers(m, layers, a, stop, x, rope, pos, valid)
+        aux["stage_text"].append(x[:, :T])
+        if in_stream and stop - 1 in s.prune_after:
+            k = s.keep[s.prune_after.index(stop - 1)]
+            next_layer = jax.tree.map(lambda p: p[stop], layers)
+            scores = score_vision(td, next_layer, x, rope, pos, valid, q_idx, q_valid, T)
+            idx, gate = select(scores, alive, k, s.selection, s.temperature)
+            x_vis = x[:, T:]
+            aux["kept"].append(jnp.take_along_axis(vis_idx, idx, axis=1))
+            if s.selection == "mask":  # keep every slot, switch the dropped ones off as keys
+                rows = jnp.arange(b)[:, None]
+                alive = jnp.zeros_like(alive).at[rows, idx].set(True) & inputs.has_image[:, None]
+                g = jnp.ones(alive.shape, gate.dtype).at[rows, idx].set(gate)
+            else:
+                x_vis = jnp.take_along_axis(x_vis, idx[..., None], axis=1)
+                vis_idx = jnp.take_along_axis(vis_idx, idx, axis=1)
+                alive = jnp.take_along_axis(alive, idx, axis=1)
+                g = gate
+            x = jnp.concatenate([x[:, :T], x_vis * g[..., None].astype(x.dtype)], axis=1)
+    logits = lm_logits(m, params["text"], x[:, :T])
+    return (logits, aux) if return_aux else logits
+
+
+# ----------------------------------------------------------------------------- HF adapter
+
+def hf_to_inputs(m, input_ids, pixel_values=None, attention_mask=None) -> tuple[Inputs, np.ndarray]:
+    """HF-style batch (image token expanded n_vision times) -> (`Inputs`, index of each text
+    slot in `input_ids` [B, T]).
+
+    Positions follow HF generation: cumsum(attention_mask) − 1, so left and right padding give
+    the same result. `pixel_values` is NCHW or NHWC with one row per sample, or one row per
+    sample that has an image (HF's convention for a mixed batch).
+    """
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length]; got shape {ids.shape}")
+    bsz, length = ids.shape
+    mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+    n = n_vision_tokens(m)
+    is_img = (ids == m.image_token_id) & mask
+    counts = is_img.sum(1)
+    for i, c in enumerate(counts):
+        if c not in (0, n):
+            raise ValueError(
+                f"sample {i} has {c} image tokens (id {m.image_token_id}); expected 0 or {n}: one "
+                "image per sample (multiple images per sample are not supported)")
+        if c and not is_img[i, np.argmax(is_img[i]):][:n].all():
+            raise ValueError(f"sample {i}: its {n} image tokens are not contiguous")
+    n_img = n if counts.any() else 0
+    T = length - n_img
+    pos_full = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    slots = np.zeros((bsz, T), np.int64)
+    for i in range(bsz):
+        keep = np.flatnonzero(~is_img[i])
+        extra = len(keep) - T
+        if extra:  # a text-only sample in a batch with images: drop padding to fit T slots
+            pads = keep[~mask[i, keep]]
+            if len(pads) < extra:
+                raise ValueError(f"sample {i} has no image and {mask[i].sum()} tokens, more than "
+                                 f"the {T} text slots of this batch (length {length} − {n})")
+            drop = pads[:extra] if not mask[i, 0] else pads[-extra:]
+            keep = np.setdiff1d(keep, drop)
+        slots[i] = keep
+    first_img = np.where(counts > 0, np.argmax(is_img, 1), 0)
+    inputs = Inputs(
+        text_ids=jnp.asarray(np.take_along_axis(ids, slots, 1), jnp.int32),
+        text_pos=jnp.asarray(np.take_along_axis(pos_full, slots, 1), jnp.int32),
+        text_valid=jnp.asarray(np.take_along_axis(mask, slots, 1)),
+        image_slot=jnp.asarray(pos_full[np.arange(bsz), first_img], jnp.int32),
+        has_image=jnp.asarray(counts > 0),
+        pixels=None if n_img == 0 else _pixels_nhwc(m, pixel_values, counts > 0),
+    )
+    return inputs, slots
+
+
+def _pixels_nhwc(m, pixel_values, has_image):
+    v = m.vision
+    if pixel_values is None:
+        raise ValueError("input_ids contain image tokens but pixel_values is None")
+    px = np.asarray(pixel_values, np.float32)
+    want = (v.image_size, v.image_size)
+    if px.ndim != 4:
+        raise ValueError(f"pixel_values must be 4-D (NCHW or NHWC); got shape {px.shape}")
+    if px.shape[1] == v.num_channels and px.shape[-1] != v.num_channels:
+        px = px.transpose(0, 2, 3, 1)
+    if px.shape[1:3] != want or px.shape[3] != v.num_channels:
+        raise ValueError(f"pixel_values has shape {px.shape}; expected images of "
+                         f"{v.image_size}×{v.image_size}×{v.num_channels} (NCHW or NHWC)")
+    if px.shape[0] == int(has_image.sum()) != len(has_image):
+        full = np.zeros((len(has_image),) + px.shape[1:], np.float32)
+        full[has_image] = px
+        px = full
+    if px.shape[0] != len(has_image):
+        raise ValueError(f"pixel_values has {px.shape[0]} images for {len(has_image)} samples, "
+                         f"{int(has_image.sum())} of which have image tokens")
+    return jnp.asarray(px)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_forward(cfg_json: str):
+    import ml_collections
+    cfg = ml_collections.ConfigDict(json.loads(cfg_json))
+    return jax.jit(lambda p, x: forward(cfg, p, x))
+
+
+def forward_hf(cfg, params, input_ids, pixel_values=None, attention_mask=None):
+    """Float32 logits [B, L − n_image_tokens, V] for the non-image positions of `input_ids`, in
+    order (pads included, so they align with the input), under `cfg.hidrop` in inference mode
+    (query row = last non-padding token). See `hf_to_inputs` for accepted layouts."""
+    inputs, _ = hf_to_inputs(cfg.model, input_ids, pixel_values, attention_mask)
+    return _jitted_forward(cfg.to_json())(params, inputs)
