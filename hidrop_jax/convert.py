@@ -5,6 +5,7 @@ transform; import reads every key layout transformers has used, and stacks per-l
 for `nn.scan`.
 
     python -m hidrop_jax.convert import-hf HF_DIR OUT_DIR
+    python -m hidrop_jax.convert export-hf CKPT_DIR OUT_DIR   (see hidrop_jax.export)
 """
 
 from __future__ import annotations
@@ -291,12 +292,16 @@ def main(argv=None):
     imp = sub.add_parser("import-hf", help="HF LLaVA dir -> orbax checkpoint + config.json")
     imp.add_argument("hf_dir")
     imp.add_argument("out_dir")
+    from hidrop_jax import export
+    export.add_parser(sub)
     args = ap.parse_args(argv)
     if args.cmd == "import-hf":
         cfg, params = load_hf(args.hf_dir)
         save_checkpoint(args.out_dir, cfg, params)
         from hidrop_jax.model import count_params
         print(f"imported {count_params(params):,} parameters from {args.hf_dir} -> {args.out_dir}")
+    elif args.cmd == "export-hf":
+        export.run_cli(args)
 
 
 if __name__ == "__main__":

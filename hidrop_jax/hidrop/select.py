@@ -43,7 +43,7 @@ def soft_rank(scores, alive, temperature: float):
     a = alive.astype(jnp.float32)
     n = jnp.maximum(a.sum(-1, keepdims=True), 1.0)
     mean = (scores * a).sum(-1, keepdims=True) / n
-    std = jnp.sqrt((((scores - mean) * a) ** 2).sum(-1, keepdims=True) / n) + 1e-12
+    std = jnp.sqrt((((scores - mean) * a) ** 2).sum(-1, keepdims=True) / n + 1e-20)  # finite grad at 0
     z = jnp.where(alive, (scores - mean) / std, 0.0)
     pair = jax.nn.sigmoid((z[:, :, None] - z[:, None, :]) / temperature)
     return (pair * a[:, None, :]).sum(-1) / n
