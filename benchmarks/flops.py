@@ -26,10 +26,11 @@ Definitions (batch 1, T text tokens, one 576-token image; L decoder layers; n_l 
 * formula   = Σ_l [F(n_l + T) − F(T)]: the paper's formula applied to the decoder with and
   without the image. It includes the cross terms 4·n_l·T·d of attention; it is the figure XLA
   vision should match if the pruning machinery adds no hidden compute.
-* scoring   = XLA of `score_vision` + `select` (hard top-k) lowered alone at each cut's shapes
-  (T + n tokens entering the cut, one query row), / 2. Its analytic cost per cut is
-  (T+n)·d·d_kv (the next layer's k_proj over every token; the layer recomputes it after the cut)
-  + d² (q_proj of the query row) + (T+n)·d (logits) MACs; the paper's formula has no term for it.
+* scoring   = the net cost of the cuts: XLA of `score_vision` + `select` (hard top-k) lowered
+  alone at each cut's shapes (T + n tokens entering, one query row), / 2, minus the keys of the
+  T + k surviving tokens, which the next layer reuses instead of projecting again. Analytic net
+  cost per cut: (n−k)·d·d_kv (keys of the dropped tokens, needed to score them) + d² (q_proj
+  of the query row) + (T+n)·d (one row of logits) MACs; the paper's formula has no term for it.
 * layers    = XLA vision − scoring: the decoder layers' work on the vision tokens plus the
   remaining pruning overhead (gathers, gates, masks, RoPE tables).
 * paper formula = Σ_l F(n_l): vision tokens alone, no text (the paper's definition; what its
@@ -120,8 +121,8 @@ def cut_flops(cfg, params, n_in: int, k: int, text_len: int, batch: int = 1,
 
     def cut(lp, x, pos, valid, alive, q_idx, q_valid):
         rope = rope_tables(pos, td.head_dim, td.rope_theta)
-        scores = score_vision(td, lp, x, rope, pos, valid, q_idx, q_valid, text_len)
-        return select(scores, alive, k, s.selection, s.temperature)
+        scores, k_raw = score_vision(td, lp, x, rope, pos, valid, q_idx, q_valid, text_len)
+        return select(scores, alive, k, s.selection, s.temperature), k_raw
 
     return xla_flops(cut, layer, SDS((batch, S, td.hidden_size), td.dtype),
                      SDS((batch, S), jnp.int32), SDS((batch, S), jnp.bool_),
@@ -149,9 +150,14 @@ def formula_macs(tokens_per_layer, d: int, m: int, text_len: int) -> float:
     return sum(F(n + text_len, d, m) - F(text_len, d, m) for n in tokens_per_layer)
 
 
-def scoring_formula_macs(n_in: int, text_len: int, d: int, d_kv: int) -> float:
-    S = text_len + n_in
-    return S * d * d_kv + d * d + S * d
+def scoring_formula_macs(n_in: int, k: int, text_len: int, d: int, d_kv: int) -> float:
+    """Net MACs of one cut: the dropped tokens' keys, the query row's q_proj, one logits row."""
+    return (n_in - k) * d * d_kv + d * d + (text_len + n_in) * d
+
+
+def reused_key_macs(k: int, text_len: int, d: int, d_kv: int) -> float:
+    """Keys scoring computes and the next layer reuses (it would have projected them anyway)."""
+    return (text_len + k) * d * d_kv
 
 
 def tower_formula_macs(cfg) -> float:
@@ -197,8 +203,9 @@ def measure(config: str, schedules, text_len: int, compile: bool = True) -> dict
         tpl = s.tokens_per_layer()
         full = prefill_flops(cfg, params, text_len, image=True, compile=compile)
         vision = (full - text_only - tower) / 2
-        cut_rows = [dict(n_in=n, keep=k, xla=cut_flops(cfg, params, n, k, text_len, compile=compile) / 2,
-                         formula=scoring_formula_macs(n, text_len, d, d_kv)) for n, k in cuts(s)]
+        cut_rows = [dict(n_in=n, keep=k, xla=cut_flops(cfg, params, n, k, text_len, compile=compile) / 2
+                         - reused_key_macs(k, text_len, d, d_kv),
+                         formula=scoring_formula_macs(n, k, text_len, d, d_kv)) for n, k in cuts(s)]
         scoring = sum(c["xla"] for c in cut_rows)
         formula = formula_macs(tpl, d, m, text_len)
         paper_formula = sum(paper_layer_macs(n, d, m) for n in tpl)

@@ -116,10 +116,11 @@ def encode_image(m, params, pixels):
     return proj.apply({"params": params["projector"]}, h)
 
 
-def run_layers(m, layers, start: int, stop: int, x, rope, pos, valid):
-    """Decoder layers [start, stop) as one scan over the stacked parameters."""
+def run_layers(m, layers, start: int, stop: int, x, rope, pos, valid, k_raw=None):
+    """Decoder layers [start, stop) as one scan over the stacked parameters. `k_raw` (the
+    unrotated keys of layer `start`, from scoring) needs stop = start + 1."""
     stack = stacked(DecoderLayer, stop - start, remat=m.remat, unroll=m.scan_unroll)(text_dims(m))
-    return stack.apply({"params": slice_layers(layers, start, stop)}, x, rope, pos, valid)[0]
+    return stack.apply({"params": slice_layers(layers, start, stop)}, x, rope, pos, valid, None, k_raw)[0]
 
 
 def lm_logits(m, text_params, x):
@@ -182,7 +183,7 @@ def forward(cfg, params, inputs: Inputs, *, return_aux: bool = False):
     else:
         q_idx, q_valid = inputs.query_idx, inputs.query_valid
     aux = {"kept": [], "stage_text": []}
-    in_stream = False
+    in_stream, k_raw = False, None
     for a, stop, n_tokens in s.segments():
         if vision is not None and a == s.inject_layer:
             x, in_stream = jnp.concatenate([x, vision.astype(x.dtype)], axis=1), True
@@ -195,12 +196,15 @@ def forward(cfg, params, inputs: Inputs, *, return_aux: bool = False):
         else:
             pos, valid = text_pos, inputs.text_valid
         rope = rope_tables(pos, td.head_dim, td.rope_theta)
-        x = run_layers(m, layers, a, stop, x, rope, pos, valid)
+        if k_raw is not None:  # the first layer after a cut reuses the keys scoring computed
+            x, a, k_raw = run_layers(m, layers, a, a + 1, x, rope, pos, valid, k_raw), a + 1, None
+        if stop > a:
+            x = run_layers(m, layers, a, stop, x, rope, pos, valid)
         aux["stage_text"].append(x[:, :T])
         if in_stream and stop - 1 in s.prune_after:
             k = s.keep[s.prune_after.index(stop - 1)]
             next_layer = jax.tree.map(lambda p: p[stop], layers)
-            scores = score_vision(td, next_layer, x, rope, pos, valid, q_idx, q_valid, T)
+            scores, k_raw = score_vision(td, next_layer, x, rope, pos, valid, q_idx, q_valid, T)
             idx, gate = select(scores, alive, k, s.selection, s.temperature)
             x_vis = x[:, T:]
             aux["kept"].append(jnp.take_along_axis(vis_idx, idx, axis=1))
@@ -210,6 +214,8 @@ def forward(cfg, params, inputs: Inputs, *, return_aux: bool = False):
                 g = jnp.ones(alive.shape, gate.dtype).at[rows, idx].set(gate)
             else:
                 x_vis = jnp.take_along_axis(x_vis, idx[..., None], axis=1)
+                k_vis = jnp.take_along_axis(k_raw[:, T:], idx[..., None], axis=1)
+                k_raw = jnp.concatenate([k_raw[:, :T], k_vis], axis=1)
                 vis_idx = jnp.take_along_axis(vis_idx, idx, axis=1)
                 alive = jnp.take_along_axis(alive, idx, axis=1)
                 g = gate

@@ -14,15 +14,17 @@ from hidrop_jax.layers.llama import DecoderLayer
 
 
 def score_vision(dims, layer_params, x, rope, pos, valid, q_idx, q_valid, n_text: int):
-    """One score per vision slot [B, n]: the attention the query rows pay to it in the next layer.
+    """(scores [B, n], k_raw [B, S, K·H]): one score per vision slot, the attention the query
+    rows pay to it in the next layer, and that layer's unrotated keys, which the layer reuses for
+    the tokens that survive (so scoring costs only the dropped tokens' keys and the query rows).
 
     x [B, S, D] enters the next layer (text stream first, vision block from `n_text`); its input
     RMSNorm and rotated q/k at the tokens' current positions give causal fp32 softmax rows for
     `q_idx` [B, Q] only, averaged over heads and over the valid query rows.
     """
     take = lambda a: jnp.take_along_axis(a, q_idx.reshape(q_idx.shape + (1,) * (a.ndim - 2)), axis=1)
-    q, k = DecoderLayer(dims).apply({"params": layer_params}, take(x), tuple(map(take, rope)), x, rope,
-                                    method=DecoderLayer.attention_inputs)
+    q, k, k_raw = DecoderLayer(dims).apply({"params": layer_params}, take(x), tuple(map(take, rope)),
+                                           x, rope, method=DecoderLayer.attention_inputs)
     b, nq, nh, hd = q.shape
     q = q.reshape(b, nq, k.shape[2], nh // k.shape[2], hd)
     logits = jnp.einsum("bqkgh,bskh->bkgqs", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(hd)
@@ -31,7 +33,7 @@ def score_vision(dims, layer_params, x, rope, pos, valid, q_idx, q_valid, n_text
     logits = jnp.where(allowed[:, None, None], logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1).mean(axis=(1, 2))[:, :, n_text:]  # [B, Q, n]
     w = q_valid.astype(jnp.float32)
-    return jnp.einsum("bqn,bq->bn", probs, w) / jnp.maximum(w.sum(-1, keepdims=True), 1.0)
+    return jnp.einsum("bqn,bq->bn", probs, w) / jnp.maximum(w.sum(-1, keepdims=True), 1.0), k_raw
 
 
 def soft_rank(scores, alive, temperature: float):

@@ -57,14 +57,17 @@ class LlamaAttention(nn.Module):
         """Rotated queries [B, T, N, H]; `rope` = (cos, sin) at the tokens' positions."""
         return apply_rope(self._heads(self.q_proj(x), self.dims.num_heads), *rope)
 
-    def key_value(self, x, rope):
-        """Rotated keys and values [B, S, K, H]."""
-        k = apply_rope(self._heads(self.k_proj(x), self.dims.num_kv_heads), *rope)
-        return k, self._heads(self.v_proj(x), self.dims.num_kv_heads)
+    def key_value(self, x, rope, k_raw=None):
+        """Rotated keys and values [B, S, K, H]. `k_raw` = k_proj(x) when already computed."""
+        k_raw = self.k_proj(x) if k_raw is None else k_raw
+        return self.rotate_keys(k_raw, rope), self._heads(self.v_proj(x), self.dims.num_kv_heads)
 
-    def __call__(self, x, rope, pos, valid, bias=None):
+    def rotate_keys(self, k_raw, rope):
+        return apply_rope(self._heads(k_raw, self.dims.num_kv_heads), *rope)
+
+    def __call__(self, x, rope, pos, valid, bias=None, k_raw=None):
         q = self.query(x, rope)
-        k, v = self.key_value(x, rope)
+        k, v = self.key_value(x, rope, k_raw)
         out = attention(q, k, v, pos, pos, valid, bias=bias, implementation=self.dims.attention_impl)
         return self.o_proj(out.reshape(*x.shape[:-1], -1))
 
@@ -93,13 +96,15 @@ class DecoderLayer(nn.Module):
         self.mlp = LlamaMLP(d)
 
     def attention_inputs(self, xq, rope_q, xk, rope_k):
-        """Rotated queries of rows `xq` and keys of `xk` after the input norm: what a score
-        of the attention this layer would pay needs, without running the attention."""
+        """(rotated queries of rows `xq`, rotated keys of `xk`, unrotated k_proj of `xk`) after
+        the input norm: what a score of this layer's attention needs, without running it. The
+        unrotated keys can be handed back to `__call__` (`k_raw`) so they are not recomputed."""
         q = self.self_attn.query(self.input_layernorm(xq), rope_q)
-        return q, self.self_attn.key_value(self.input_layernorm(xk), rope_k)[0]
+        k_raw = self.self_attn.k_proj(self.input_layernorm(xk))
+        return q, self.self_attn.rotate_keys(k_raw, rope_k), k_raw
 
-    def __call__(self, x, rope, pos, valid, bias=None):
-        h = self.self_attn(self.input_layernorm(x), rope, pos, valid, bias)
+    def __call__(self, x, rope, pos, valid, bias=None, k_raw=None):
+        h = self.self_attn(self.input_layernorm(x), rope, pos, valid, bias, k_raw)
         x = x + checkpoint_name(h, "attn_out")
         h = self.mlp(self.post_attention_layernorm(x))
         return x + checkpoint_name(h, "mlp_out"), None
