@@ -128,7 +128,27 @@ def make_config(model: ml_collections.ConfigDict, arg: str = "", **extra) -> ml_
                             dtype=model.dtype, remat=model.remat, unroll=False, **extra))
     model.dtype, model.remat, model.scan_unroll = a.dtype, a.remat, a.unroll
     validate_model(model)
-    cfg = ml_collections.ConfigDict(dict(model=model, arg=a))
+    cfg = ml_collections.ConfigDict(dict(model=model, arg=a, train=train_defaults(), data=data_defaults()))
     cfg.hidrop = hidrop_config(a.schedule, model.text.num_layers, n_vision_tokens(model),
                                selection=a.selection, positions=a.positions)
     return cfg
+
+
+TRAINABLE = ("projector", "projector+llm", "all")
+
+
+def train_defaults() -> dict:
+    """`cfg.train`: LLaVA-1.5 stage-2 defaults; override with --config.train.FIELD=VALUE."""
+    return dict(
+        trainable="projector+llm",  # stage 1: "projector"; stage 2: "projector+llm"; "all"
+        steps=1000, batch_size=128, grad_accum=1, lr=2e-5, warmup_steps=30, end_lr_ratio=0.0,
+        weight_decay=0.0, b1=0.9, b2=0.999, clip=1.0, seed=0,
+        mesh=(-1, 1, 1),  # (data, fsdp, tensor); -1 = the remaining devices
+        log_every=10, eval_every=200, eval_batches=8, ckpt_every=200, keep_ckpts=3,
+        async_ckpt=True)
+
+
+def data_defaults() -> dict:
+    """`cfg.data`: dataset spec (see hidrop_jax.data.sources), template and static shapes."""
+    return dict(name="shapes_vqa", data_dir="", manual_dir="", tokenizer="", template="v1",
+                max_len=128, num_queries=4, eval_split="validation")

@@ -116,11 +116,25 @@ def encode_image(m, params, pixels):
     return proj.apply({"params": params["projector"]}, h)
 
 
-def run_layers(m, layers, start: int, stop: int, x, rope, pos, valid, k_raw=None):
+def run_layers(m, layers, start: int, stop: int, x, rope, pos, valid, k_raw=None, *,
+               return_kv: bool = False):
     """Decoder layers [start, stop) as one scan over the stacked parameters. `k_raw` (the
-    unrotated keys of layer `start`, from scoring) needs stop = start + 1."""
-    stack = stacked(DecoderLayer, stop - start, remat=m.remat, unroll=m.scan_unroll)(text_dims(m))
-    return stack.apply({"params": slice_layers(layers, start, stop)}, x, rope, pos, valid, None, k_raw)[0]
+    unrotated keys of layer `start`, from scoring) needs stop = start + 1. With `return_kv`:
+    (x, (k, v)), each layer's rotated keys/values stacked [stop − start, B, S, K, H]."""
+    stack = stacked(DecoderLayer, stop - start, remat=m.remat, unroll=m.scan_unroll)(
+        text_dims(m), return_kv=return_kv)
+    x, kv = stack.apply({"params": slice_layers(layers, start, stop)}, x, rope, pos, valid, None, k_raw)
+    return (x, kv) if return_kv else x
+
+
+def decode_layers(m, layers, start: int, stop: int, x, rope, pos, kv, k_pos, k_valid, index):
+    """Decoder layers [start, stop) for new tokens x [B, Q, D] against their KV cache `kv`
+    ((k, v), each [stop − start, B, S, K, H]); see `DecoderLayer.decode`. -> (x, updated kv)."""
+    b = nn.broadcast
+    stack = stacked(DecoderLayer, stop - start, unroll=m.scan_unroll, method="decode",
+                    in_axes=(b, b, 0, b, b, b))(text_dims(m))
+    return stack.apply({"params": slice_layers(layers, start, stop)}, x, rope, pos, kv, k_pos,
+                       k_valid, index, method="decode")
 
 
 def lm_logits(m, text_params, x):
@@ -161,11 +175,29 @@ def _positions(s, inputs: Inputs, vis_idx, alive, n_tokens: int):
 
 # ----------------------------------------------------------------------------- forward
 
+class StageKV(NamedTuple):
+    """The keys/values one segment of `Schedule.segments()` computed: a generation cache."""
+    k: jax.Array      # [L_s, B, S, K, H] rotated keys of the segment's L_s layers
+    v: jax.Array      # [L_s, B, S, K, H]
+    pos: jax.Array    # [B, S] the S tokens' positions (text stream first, then vision)
+    valid: jax.Array  # [B, S] bool
+
+
 def forward(cfg, params, inputs: Inputs, *, return_aux: bool = False):
     """Logits [B, T, V] float32 for the text stream, under `cfg.hidrop`'s schedule.
 
     aux (if asked): `kept` = per cut the original vision indices kept [B, k]; `stage_text` = the
     text stream's hidden state after each segment.
+    """
+    x, aux = forward_hidden(cfg, params, inputs)
+    logits = lm_logits(cfg.model, params["text"], x)
+    return (logits, aux) if return_aux else logits
+
+
+def forward_hidden(cfg, params, inputs: Inputs, *, collect_kv: bool = False):
+    """(text stream's final hidden state [B, T, D] before the final norm, aux): `forward`
+    without the head. aux as in `forward`; with `collect_kv`, also `kv` = one `StageKV` per
+    segment of `Schedule.segments()` (what every layer attended to: prefill for generation).
     """
     m = cfg.model
     s = schedule_lib.from_config(cfg)
@@ -182,7 +214,7 @@ def forward(cfg, params, inputs: Inputs, *, return_aux: bool = False):
         q_idx, q_valid = last_prompt_row(inputs)
     else:
         q_idx, q_valid = inputs.query_idx, inputs.query_valid
-    aux = {"kept": [], "stage_text": []}
+    aux = {"kept": [], "stage_text": []} | ({"kv": []} if collect_kv else {})
     in_stream, k_raw = False, None
     for a, stop, n_tokens in s.segments():
         if vision is not None and a == s.inject_layer:
@@ -196,10 +228,21 @@ def forward(cfg, params, inputs: Inputs, *, return_aux: bool = False):
         else:
             pos, valid = text_pos, inputs.text_valid
         rope = rope_tables(pos, td.head_dim, td.rope_theta)
+        kv = []
+
+        def run(x, start, stop, k_raw=None):
+            out = run_layers(m, layers, start, stop, x, rope, pos, valid, k_raw, return_kv=collect_kv)
+            x, kv_ = out if collect_kv else (out, None)
+            kv.append(kv_)
+            return x
+
         if k_raw is not None:  # the first layer after a cut reuses the keys scoring computed
-            x, a, k_raw = run_layers(m, layers, a, a + 1, x, rope, pos, valid, k_raw), a + 1, None
+            x, a, k_raw = run(x, a, a + 1, k_raw), a + 1, None
         if stop > a:
-            x = run_layers(m, layers, a, stop, x, rope, pos, valid)
+            x = run(x, a, stop)
+        if collect_kv:
+            aux["kv"].append(StageKV(*(jnp.concatenate([c[i] for c in kv]) for i in (0, 1)),
+                                     pos, valid))
         aux["stage_text"].append(x[:, :T])
         if in_stream and stop - 1 in s.prune_after:
             k = s.keep[s.prune_after.index(stop - 1)]
@@ -220,8 +263,7 @@ def forward(cfg, params, inputs: Inputs, *, return_aux: bool = False):
                 alive = jnp.take_along_axis(alive, idx, axis=1)
                 g = gate
             x = jnp.concatenate([x[:, :T], x_vis * g[..., None].astype(x.dtype)], axis=1)
-    logits = lm_logits(m, params["text"], x[:, :T])
-    return (logits, aux) if return_aux else logits
+    return x[:, :T], aux
 
 
 # ----------------------------------------------------------------------------- HF adapter

@@ -27,20 +27,22 @@ def remat_policy(name: str):
     }[name]
 
 
-def stacked(layer_cls, length: int, *, remat: str = "none", unroll: bool = False):
+def stacked(layer_cls, length: int, *, remat: str = "none", unroll: bool = False,
+            method: str = "__call__", in_axes=nn.broadcast):
     """`length` copies of `layer_cls` as one `nn.scan` (compile time flat in depth).
 
-    Every non-carry argument is broadcast; params get a leading 'layers' axis. `unroll=True`
-    lowers the layers one by one, which XLA's cost analysis needs to count every layer.
+    Every non-carry argument is broadcast unless `in_axes` says otherwise (e.g. a per-layer
+    cache scanned over axis 0); params get a leading 'layers' axis. `method` picks the scanned
+    method (call it with `apply(..., method=method)`). `unroll=True` lowers the layers one by
+    one, which XLA's cost analysis needs to count every layer.
     """
     cls = layer_cls
     if remat != "none":
         cls = nn.remat(layer_cls, policy=remat_policy(remat), prevent_cse=False)
-    return nn.scan(
-        cls, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=nn.broadcast,
-        length=length, unroll=max(length, 1) if unroll else 1,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )
+    kw = dict(variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=in_axes,
+              length=length, unroll=max(length, 1) if unroll else 1,
+              metadata_params={nn.PARTITION_NAME: "layers"})
+    return nn.scan(cls, **kw) if method == "__call__" else nn.scan(cls, methods=[method], **kw)
 
 
 def slice_layers(params, start: int, stop: int):

@@ -6,6 +6,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from hidrop_jax.layers.attention import attention
 from hidrop_jax.layers.common import INIT, checkpoint_name, dense
@@ -65,11 +66,27 @@ class LlamaAttention(nn.Module):
     def rotate_keys(self, k_raw, rope):
         return apply_rope(self._heads(k_raw, self.dims.num_kv_heads), *rope)
 
-    def __call__(self, x, rope, pos, valid, bias=None, k_raw=None):
+    def __call__(self, x, rope, pos, valid, bias=None, k_raw=None, return_kv=False):
+        """Self-attention of x [B, S, D]; with `return_kv` also its rotated keys and values."""
         q = self.query(x, rope)
         k, v = self.key_value(x, rope, k_raw)
         out = attention(q, k, v, pos, pos, valid, bias=bias, implementation=self.dims.attention_impl)
-        return self.o_proj(out.reshape(*x.shape[:-1], -1))
+        out = self.o_proj(out.reshape(*x.shape[:-1], -1))
+        return (out, (k, v)) if return_kv else out
+
+    def decode(self, x, rope, pos, kv, k_pos, k_valid, index):
+        """Cached attention of new tokens x [B, Q, D] at positions `pos` [B, Q].
+
+        Their keys/values are written into the cache `kv` = (k, v) [B, S, K, H] at rows
+        [index, index + Q); then they attend to every cached key that is valid and not after
+        them. `k_pos`/`k_valid` [B, S] describe the cache *after* the write. -> (out, new kv).
+        """
+        q = self.query(x, rope)
+        k_new, v_new = self.key_value(x, rope)
+        k = lax.dynamic_update_slice_in_dim(kv[0], k_new.astype(kv[0].dtype), index, axis=1)
+        v = lax.dynamic_update_slice_in_dim(kv[1], v_new.astype(kv[1].dtype), index, axis=1)
+        out = attention(q, k, v, pos, k_pos, k_valid, implementation=self.dims.attention_impl)
+        return self.o_proj(out.reshape(*x.shape[:-1], -1)), (k, v)
 
 
 class LlamaMLP(nn.Module):
@@ -85,8 +102,11 @@ class LlamaMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm Llama block. Scan-compatible: `(x, ...) -> (x, None)`."""
+    """Pre-norm Llama block. Scan-compatible: `(x, ...) -> (x, None)`, or `(x, (k, v))` with
+    `return_kv` (the layer's rotated keys/values, which a scan stacks per layer: a KV cache).
+    `decode` runs new tokens against such a cache."""
     dims: TextDims
+    return_kv: bool = False
 
     def setup(self):
         d = self.dims
@@ -104,10 +124,18 @@ class DecoderLayer(nn.Module):
         return q, self.self_attn.rotate_keys(k_raw, rope_k), k_raw
 
     def __call__(self, x, rope, pos, valid, bias=None, k_raw=None):
-        h = self.self_attn(self.input_layernorm(x), rope, pos, valid, bias, k_raw)
+        h = self.self_attn(self.input_layernorm(x), rope, pos, valid, bias, k_raw, self.return_kv)
+        h, kv = h if self.return_kv else (h, None)
         x = x + checkpoint_name(h, "attn_out")
         h = self.mlp(self.post_attention_layernorm(x))
-        return x + checkpoint_name(h, "mlp_out"), None
+        return x + checkpoint_name(h, "mlp_out"), kv
+
+    def decode(self, x, rope, pos, kv, k_pos, k_valid, index):
+        """New tokens x [B, Q, D] against this layer's cache `kv` (see `LlamaAttention.decode`).
+        Scan-compatible with `kv` scanned: -> (x, updated kv)."""
+        h, kv = self.self_attn.decode(self.input_layernorm(x), rope, pos, kv, k_pos, k_valid, index)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
 class Embedder(nn.Module):

@@ -1,0 +1,127 @@
+"""Evaluation: answer accuracy overall and per question type, and the vision tokens per layer.
+
+    python -m hidrop_jax.evaluate --workdir DIR [--split validation] [--schedule tok64]
+
+Answers are scored teacher-forced: a round is correct when the argmax at every one of its answer
+tokens is the reference token (shapes_vqa answers are one word, i.e. one token). HiDrop scores
+its cuts from the last prompt token before each answer (the batch's query rows), so nothing after
+an answer's first token influences which vision tokens are kept for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from hidrop_jax.data import pipeline as data_lib
+from hidrop_jax.data.shapes import QUESTION_TYPES
+from hidrop_jax.hidrop.schedule import from_config as schedule_of
+from hidrop_jax.model import forward
+
+
+def round_results(pred, targets):
+    """[(question type, correct)] for every answered round of every real example."""
+    labels, mask = np.asarray(targets.labels), np.asarray(targets.loss_mask)
+    rounds, types = np.asarray(targets.label_round), np.asarray(targets.round_type)
+    valid = np.asarray(targets.example_valid)
+    hit = (np.asarray(pred) == labels) | ~mask
+    out = []
+    for b in np.flatnonzero(valid):
+        for r in range(types.shape[1]):
+            sel = mask[b] & (rounds[b] == r)
+            if sel.any() and types[b, r] >= 0:
+                out.append((QUESTION_TYPES[types[b, r]], bool(hit[b][sel].all())))
+    return out
+
+
+def evaluate_params(cfg, params, source, tokenizer, spec, mesh, *, max_batches=None, batch_size=None):
+    """Accuracy of `params` under `cfg.hidrop` on `source` (one pass, or `max_batches`)."""
+    from hidrop_jax.train import device_batch
+    bs = batch_size or cfg.train.batch_size // cfg.train.grad_accum
+    predict = jax.jit(lambda p, x: forward(cfg, p, x).argmax(-1))
+    per_type, n_batches, stats = defaultdict(list), 0, data_lib.Stats()
+    for batch in data_lib.eval_batches(source, tokenizer, spec, batch_size=bs, stats=stats):
+        inputs, targets = device_batch(batch, mesh)
+        pred = jax.device_get(predict(params, inputs))
+        for qtype, ok in round_results(pred, data_lib.to_inputs(batch)[1]):
+            per_type[qtype].append(ok)
+        n_batches += 1
+        if max_batches and n_batches >= max_batches:
+            break
+    s = schedule_of(cfg)
+    allr = [ok for v in per_type.values() for ok in v]
+    return dict(
+        accuracy=float(np.mean(allr)) if allr else float("nan"), rounds=len(allr),
+        per_type={k: dict(accuracy=float(np.mean(v)), rounds=len(v)) for k, v in sorted(per_type.items())},
+        schedule=cfg.hidrop.to_dict(), vision_tokens_per_layer=s.tokens_per_layer(),
+        mean_vision_tokens=s.mean_tokens(), skipped_records=stats.counts["skipped"],
+        truncated=stats.counts["truncated"])
+
+
+def flat(res: dict) -> dict:
+    """Scalars of a result, for metric logs."""
+    out = {"accuracy": res["accuracy"], "mean_vision_tokens": res["mean_vision_tokens"]}
+    out.update({f"accuracy/{k}": v["accuracy"] for k, v in res["per_type"].items()})
+    return out
+
+
+def load_run(workdir):
+    """(cfg, params) of a training run: its config.json and latest checkpoint's parameters."""
+    import ml_collections
+    import orbax.checkpoint as ocp
+    from hidrop_jax.model import abstract_params
+    workdir = Path(workdir).absolute()
+    cfg_file = workdir / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{cfg_file} does not exist: not a training workdir")
+    cfg = ml_collections.ConfigDict(json.loads(cfg_file.read_text()))
+    mgr = ocp.CheckpointManager(workdir / "checkpoints")
+    step = mgr.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+    target = {"params": abstract_params(cfg)}
+    got = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target),
+        partial_restore=True)))
+    return cfg, got["state"]["params"], step
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m hidrop_jax.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--split", default="validation")
+    ap.add_argument("--schedule", default="", help="evaluate under another HiDrop preset")
+    ap.add_argument("--out", default="", help="JSON path (default WORKDIR/eval_SPLIT[_SCHEDULE].json)")
+    a = ap.parse_args(argv)
+    from hidrop_jax import sharding as shard_lib
+    from hidrop_jax.data.sources import load_source
+    from hidrop_jax.hidrop.schedule import hidrop_config
+    from hidrop_jax.train import data_setup
+    cfg, params, step = load_run(a.workdir)
+    if a.schedule:
+        from hidrop_jax.config import n_vision_tokens
+        cfg.hidrop = hidrop_config(a.schedule, cfg.model.text.num_layers, n_vision_tokens(cfg.model),
+                                   selection=cfg.hidrop.selection, positions=cfg.hidrop.positions)
+    workdir = Path(a.workdir).absolute()
+    tok, spec, _, _ = data_setup(cfg, workdir)
+    src = load_source(cfg.data.name, a.split, cfg.data.data_dir or str(workdir / "data"),
+                      manual_dir=cfg.data.manual_dir or None)
+    mesh = shard_lib.make_mesh(tuple(cfg.train.mesh))
+    res = evaluate_params(cfg, params, src, tok, spec, mesh)
+    res.update(step=int(step), split=a.split)
+    out = Path(a.out or workdir / f"eval_{a.split}{'_' + a.schedule if a.schedule else ''}.json")
+    out.write_text(json.dumps(res, indent=1))
+    print(f"step {step} {a.split}: accuracy {res['accuracy']:.4f} over {res['rounds']} answers; "
+          + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in res["per_type"].items())
+          + f"; mean vision tokens/layer {res['mean_vision_tokens']:.1f} -> {out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Training: overfitting, gradient accumulation, crash-safe resume, non-finite stop, bad config."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import tiny_config
+from hidrop_jax import sharding as shard_lib
+from hidrop_jax import train as train_lib
+from hidrop_jax.data import pipeline as data_lib
+from hidrop_jax.evaluate import load_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _cfg(data_dir, arg="schedule=tok64", **train):
+    cfg = tiny_config.get_config(arg)
+    cfg.data.data_dir = data_dir
+    cfg.train.update(train)
+    return cfg
+
+
+def _setup(cfg, tmp_path):
+    tok, spec, src, _ = train_lib.data_setup(cfg, tmp_path)
+    batch = next(iter(data_lib.make_loader(src, tok, spec, global_batch_size=cfg.train.batch_size)))
+    mesh = shard_lib.make_mesh(tuple(cfg.train.mesh))
+    tx, _ = train_lib.make_optimizer(cfg.train, train_lib.abstract_params(cfg))
+    return batch, mesh, tx
+
+
+def test_overfits_a_fixed_batch(data_dir, tmp_path):
+    cfg = _cfg(data_dir, warmup_steps=1, steps=1000)  # a constant-ish learning rate
+    batch, mesh, tx = _setup(cfg, tmp_path)
+    state = train_lib.init_state(cfg, mesh, tx)
+    step = jax.jit(train_lib.make_train_step(cfg, tx))
+    inputs, targets = train_lib.device_batch(batch, mesh)
+    losses = []
+    for _ in range(40):
+        state, m = step(state, inputs, targets)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0] / 5, losses
+
+
+def test_gradient_accumulation_equals_one_batch(data_dir, tmp_path):
+    """Plain SGD with rate 1 makes the update the gradient itself (Adam would amplify float
+    noise in near-zero gradients to ±lr)."""
+    import optax
+    cfg1 = _cfg(data_dir, grad_accum=1)
+    batch, mesh, _ = _setup(cfg1, tmp_path)
+    inputs, targets = train_lib.device_batch(batch, mesh)
+    tx = optax.sgd(1.0)
+    out = []
+    for accum in (1, 2):
+        cfg = _cfg(data_dir, grad_accum=accum)
+        state = train_lib.init_state(cfg, mesh, tx)
+        state, m = jax.jit(train_lib.make_train_step(cfg, tx))(state, inputs, targets)
+        out.append((state["params"], float(m["loss"])))
+    assert out[0][1] == pytest.approx(out[1][1], rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), out[0][0], out[1][0])
+
+
+def test_frozen_parts_do_not_move(data_dir, tmp_path):
+    cfg = _cfg(data_dir, trainable="projector")
+    batch, mesh, tx = _setup(cfg, tmp_path)
+    state = train_lib.init_state(cfg, mesh, tx)
+    before = jax.device_get(state["params"])
+    step = jax.jit(train_lib.make_train_step(cfg, tx))
+    for _ in range(2):  # the warmup's first learning rate is 0
+        state, _ = step(state, *train_lib.device_batch(batch, mesh))
+    after = jax.device_get(state["params"])
+    for part in ("vision", "text"):
+        jax.tree.map(np.testing.assert_array_equal, before[part], after[part])
+    assert not np.array_equal(before["projector"]["linear_1"]["kernel"], after["projector"]["linear_1"]["kernel"])
+
+
+def _train_cmd(workdir, data_dir, steps):
+    return [sys.executable, "-m", "hidrop_jax.train", f"--config={ROOT}/tests/tiny_config.py",
+            f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+            f"--config.train.steps={steps}", "--config.train.ckpt_every=2",
+            "--config.train.keep_ckpts=50"]
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_matches_uninterrupted(data_dir, tmp_path):
+    steps = 16
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    ref = tmp_path / "ref"
+    subprocess.run(_train_cmd(ref, data_dir, steps), check=True, env=env, capture_output=True)
+    run = tmp_path / "run"
+    p = subprocess.Popen(_train_cmd(run, data_dir, steps), env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "6").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert p.poll() is None, "training finished before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    kept = sorted(int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit())
+    assert kept and kept[-1] < steps
+    subprocess.run(_train_cmd(run, data_dir, steps), check=True, env=env, capture_output=True)
+    after = sorted(int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit())
+    assert set(kept) <= set(after) and after[-1] == steps  # nothing lost, run completed
+    _, p_ref, _ = load_run(ref)
+    _, p_run, _ = load_run(run)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), p_ref, p_run)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+    cfg = _cfg(data_dir, lr=1e30, warmup_steps=1, steps=8, ckpt_every=1, log_every=1, async_ckpt=False)
+    with pytest.raises(train_lib.NonFiniteLoss, match="is intact") as e:
+        train_lib.train(cfg, tmp_path)
+    _, params, step = load_run(tmp_path)
+    assert f"step {step})" in str(e.value)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("trainable", "everything", "train.trainable = 'everything'"),
+    ("grad_accum", 3, "train.batch_size = 4 is not divisible by train.grad_accum = 3"),
+    ("mesh", (3, 1, 1), r"mesh shape \(3, 1, 1\) needs 3 devices"),
+])
+def test_bad_train_config_fails_at_start(data_dir, tmp_path, field, value, needle):
+    cfg = _cfg(data_dir, **{field: value})
+    with pytest.raises(ValueError, match=needle):
+        train_lib.train(cfg, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_bad_schedule_fails_at_start(data_dir, tmp_path):
+    cfg = _cfg(data_dir)
+    cfg.hidrop.keep = (99,) * len(cfg.hidrop.keep)
+    with pytest.raises(ValueError, match=r"hidrop.keep\[0\] = 99"):
+        train_lib.train(cfg, tmp_path)
