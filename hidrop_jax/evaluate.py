@@ -63,6 +63,50 @@ def evaluate_params(cfg, params, source, tokenizer, spec, mesh, *, max_batches=N
         truncated=stats.counts["truncated"])
 
 
+def expand_image_tokens(batch: dict, image_token_id: int, n_vision: int):
+    """Our text stream -> HF-style (input_ids, attention_mask) with the image token repeated
+    `n_vision` times at the image slot; also the column of each text row in them."""
+    ids, valid = np.asarray(batch["text_ids"]), np.asarray(batch["text_valid"])
+    slot, has = np.asarray(batch["image_slot"]), np.asarray(batch["has_image"])
+    b, T = ids.shape
+    out_ids = np.zeros((b, T + n_vision), np.int64)
+    mask = np.zeros((b, T + n_vision), np.int64)
+    cols = np.zeros((b, T), np.int64)
+    for i in range(b):
+        n = n_vision if has[i] else 0
+        c = np.arange(T) + np.where(np.arange(T) >= slot[i], n, 0)
+        out_ids[i, c], mask[i, c], cols[i] = ids[i], valid[i], c
+        out_ids[i, slot[i]:slot[i] + n], mask[i, slot[i]:slot[i] + n] = image_token_id, 1
+    return out_ids, mask, cols
+
+
+def evaluate_torch(hf_dir, source, tokenizer, spec, *, batch_size: int = 8, max_batches=None) -> dict:
+    """The same teacher-forced accuracy with PyTorch `LlavaForConditionalGeneration` loaded from
+    an exported directory. HF runs all vision tokens (its LLaVA has no pruning): compare it with
+    our `vanilla` schedule."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+    model = LlavaForConditionalGeneration.from_pretrained(hf_dir).eval()
+    n_vis, img_id = spec.n_vision, model.config.image_token_index
+    per_type, n_batches = defaultdict(list), 0
+    for batch in data_lib.eval_batches(source, tokenizer, spec, batch_size=batch_size):
+        ids, mask, cols = expand_image_tokens(batch, img_id, n_vis)
+        has = np.asarray(batch["has_image"])
+        px = np.asarray(batch["pixels"])[has].transpose(0, 3, 1, 2)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                           pixel_values=torch.tensor(px) if has.any() else None).logits
+        pred = np.take_along_axis(logits.argmax(-1).numpy(), cols, axis=1)
+        for qtype, ok in round_results(pred, data_lib.to_inputs(batch)[1]):
+            per_type[qtype].append(ok)
+        n_batches += 1
+        if max_batches and n_batches >= max_batches:
+            break
+    allr = [ok for v in per_type.values() for ok in v]
+    return dict(accuracy=float(np.mean(allr)) if allr else float("nan"), rounds=len(allr),
+                per_type={k: dict(accuracy=float(np.mean(v)), rounds=len(v)) for k, v in sorted(per_type.items())})
+
+
 def flat(res: dict) -> dict:
     """Scalars of a result, for metric logs."""
     out = {"accuracy": res["accuracy"], "mean_vision_tokens": res["mean_vision_tokens"]}
