@@ -1,0 +1,226 @@
+"""Speed and memory of HiDrop schedules side by side, and our vanilla forward vs PyTorch's.
+
+    python benchmarks/speed.py [--schedules vanilla,pdrop,tok80,tok64,tok48] [--repeats 5]
+
+One model with LLaVA-1.5's proportions where they matter for HiDrop (32 decoder layers, 576
+vision tokens from a 336×336 image with 14-pixel patches, MLP = 2.6875 × width as Vicuna's,
+a vision tower ~5% of the LLM) at a width this CPU can run. For each schedule, in one process:
+
+* train step: forward + backward + AdamW (projector + LLM trainable, vision tower frozen as in
+  LLaVA stage 2), batch B, median seconds over `--repeats` runs after a warm-up;
+* prefill: forward of one prompt (batch 1), median seconds;
+* decode: greedy tokens per second after the prefill (one compiled while-loop, per-stage caches);
+* peak memory: XLA's `memory_analysis()` of the compiled train step (temporaries + arguments);
+* predicted ratio: the paper's per-layer formula Σ_l F(n_l + T) plus the vision tower, relative
+  to vanilla (what the FLOPs say the time ratio should be).
+
+Then our vanilla prefill against PyTorch `LlavaForConditionalGeneration` on identical weights
+(exported with `save_hf`), torch using the same number of CPU threads. The machine is shared and
+noisy: read the ratios, which are measured side by side in one run; absolute CPU times only
+describe this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from hidrop_jax.config import make_config, model_config  # noqa: E402
+from hidrop_jax.hidrop import schedule as schedule_lib  # noqa: E402
+from hidrop_jax.model import Inputs, forward, init_params  # noqa: E402
+
+SCHEDULES = ("vanilla", "pdrop", "tok80", "tok64", "tok48")
+
+
+def _flops_module():
+    spec = importlib.util.spec_from_file_location("bench_flops", os.path.join(ROOT, "benchmarks", "flops.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def bench_config(width: int, schedule: str):
+    model = model_config(
+        vision=dict(image_size=336, patch_size=14, hidden_size=96, intermediate_size=384,
+                    num_layers=4, num_heads=4),
+        text=dict(vocab_size=2048, hidden_size=width, intermediate_size=int(width * 2.6875),
+                  num_layers=32, num_heads=max(1, width // 64), max_position_embeddings=2048),
+        image_token_id=3)
+    cfg = make_config(model, f"schedule={schedule}")
+    cfg.train.update(trainable="projector+llm", grad_accum=1, lr=1e-4, warmup_steps=1, steps=100)
+    return cfg
+
+
+def make_inputs(cfg, batch: int, text_len: int, seed: int = 0) -> tuple[Inputs, object]:
+    """A prompt of `text_len` text tokens with the image after 8 of them; answer rows labelled."""
+    from hidrop_jax.data.pipeline import Targets
+    rng = np.random.default_rng(seed)
+    n = schedule_lib.from_config(cfg).n_vision
+    ids = rng.integers(5, cfg.model.text.vocab_size, (batch, text_len)).astype(np.int32)
+    slot = 8
+    pos = np.arange(text_len) + np.where(np.arange(text_len) >= slot, n, 0)
+    px = rng.normal(size=(batch, 336, 336, 3)).astype(np.float32)
+    inputs = Inputs(jnp.asarray(ids), jnp.asarray(np.broadcast_to(pos, ids.shape).astype(np.int32)),
+                    jnp.ones(ids.shape, bool), jnp.full((batch,), slot, jnp.int32), jnp.ones((batch,), bool),
+                    jnp.asarray(px), jnp.full((batch, 1), text_len - 9, jnp.int32), jnp.ones((batch, 1), bool))
+    mask = np.zeros(ids.shape, bool)
+    mask[:, text_len - 9:text_len - 1] = True
+    labels = np.where(mask, np.roll(ids, -1, axis=1), -100).astype(np.int32)
+    targets = Targets(jnp.asarray(labels), jnp.asarray(mask), jnp.zeros(ids.shape, jnp.int32),
+                      jnp.zeros((batch, 1), jnp.int32), jnp.ones((batch,), bool))
+    return inputs, targets
+
+
+def timed(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())  # warm-up (and compile)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def measure_schedule(name: str, params, a) -> dict:
+    from hidrop_jax import generate as gen
+    from hidrop_jax import train as train_lib
+    cfg = bench_config(a.width, name)
+    s = schedule_lib.from_config(cfg)
+    tx, _ = train_lib.make_optimizer(cfg.train, params)
+    state = dict(params=params, opt_state=jax.jit(tx.init)(params), step=jnp.zeros((), jnp.int32),
+                 rng=jax.random.PRNGKey(0))
+    inputs, targets = make_inputs(cfg, a.batch, a.text_len)
+    step = jax.jit(train_lib.make_train_step(cfg, tx))
+    compiled = step.lower(state, inputs, targets).compile()
+    ma = compiled.memory_analysis()
+    train_s = timed(lambda: compiled(state, inputs, targets)[1]["loss"], a.repeats)
+    one, _ = make_inputs(cfg, 1, a.text_len, seed=1)
+    one = one._replace(query_idx=None, query_valid=None)
+    fwd = jax.jit(lambda p, x: forward(cfg, p, x))
+    prefill_s = timed(lambda: fwd(params, one), a.repeats)
+    run = lambda: gen.generate(cfg, params, one, max_new_tokens=a.new_tokens)["tokens"]
+    decode_s = timed(run, max(1, a.repeats // 2)) - prefill_s
+    return dict(
+        schedule=name, mean_vision_tokens=s.mean_tokens(), train_step_s=train_s, prefill_s=prefill_s,
+        decode_tokens_per_s=a.new_tokens / max(decode_s, 1e-9),
+        peak_memory_mib=None if ma is None else (ma.temp_size_in_bytes + ma.argument_size_in_bytes) / 2**20,
+        temp_memory_mib=None if ma is None else ma.temp_size_in_bytes / 2**20,
+        predicted_macs=_predicted_macs(cfg, s, a.text_len))
+
+
+def _predicted_macs(cfg, s, text_len: int) -> float:
+    fl = _flops_module()
+    t = cfg.model.text
+    decoder = sum(fl.paper_layer_macs(n + text_len, t.hidden_size, t.intermediate_size)
+                  for n in s.tokens_per_layer())
+    return decoder + fl.tower_formula_macs(cfg)
+
+
+def torch_vs_ours(params, a) -> dict:
+    """Our vanilla prefill vs PyTorch's on identical weights, same CPU thread count."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+    from hidrop_jax.evaluate import expand_image_tokens
+    from hidrop_jax.export import save_hf
+    cfg = bench_config(a.width, "vanilla")
+    one, _ = make_inputs(cfg, 1, a.text_len, seed=1)
+    one = one._replace(query_idx=None, query_valid=None)
+    threads = os.cpu_count()
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as d:
+        save_hf(cfg, jax.device_get(params), os.path.join(d, "hf"))
+        hf = LlavaForConditionalGeneration.from_pretrained(os.path.join(d, "hf")).eval()
+    batch = {k: np.asarray(v) for k, v in one._asdict().items() if v is not None}
+    ids, mask, cols = expand_image_tokens(batch, cfg.model.image_token_id, 576)
+    px = torch.tensor(np.asarray(one.pixels).transpose(0, 3, 1, 2))
+    ids_t, mask_t = torch.tensor(ids), torch.tensor(mask)
+
+    def torch_fwd():
+        with torch.no_grad():
+            return hf(input_ids=ids_t, attention_mask=mask_t, pixel_values=px).logits
+
+    torch_fwd()
+    ts = []
+    for _ in range(a.repeats):
+        t0 = time.perf_counter()
+        ref = torch_fwd()
+        ts.append(time.perf_counter() - t0)
+    fwd = jax.jit(lambda p, x: forward(cfg, p, x))
+    ours_s = timed(lambda: fwd(params, one), a.repeats)
+    ours = np.asarray(fwd(params, one))
+    diff = float(np.abs(ours[0] - ref.numpy()[0][cols[0]]).max())
+    return dict(torch_prefill_s=statistics.median(ts), ours_prefill_s=ours_s, torch_threads=threads,
+                ours_over_torch=ours_s / statistics.median(ts), max_abs_logit_diff=diff)
+
+
+def table(res: dict) -> str:
+    rows = res["schedules"]
+    v = rows[0]
+    lines = [f"width {res['width']}, 32 layers, 576 vision tokens, T={res['text_len']} text tokens, "
+             f"train batch {res['batch']}; medians of {res['repeats']} runs; ratios = vanilla / schedule",
+             "",
+             "| schedule | mean vis. tok. | train step (s) | train speedup | prefill (s) | prefill speedup "
+             "| predicted speedup (FLOPs) | decode (tok/s) | train peak mem (MiB) | mem vs vanilla |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['schedule']} | {r['mean_vision_tokens']:.0f} | {r['train_step_s']:.3f} "
+            f"| {v['train_step_s'] / r['train_step_s']:.2f}× | {r['prefill_s']:.4f} "
+            f"| {v['prefill_s'] / r['prefill_s']:.2f}× | {v['predicted_macs'] / r['predicted_macs']:.2f}× "
+            f"| {r['decode_tokens_per_s']:.1f} | {r['peak_memory_mib']:.0f} "
+            f"| {r['peak_memory_mib'] / v['peak_memory_mib']:.2f} |")
+    t = res.get("torch")
+    if t:
+        lines += ["", f"vanilla prefill, ours {t['ours_prefill_s']:.4f} s vs PyTorch {t['torch_prefill_s']:.4f} s "
+                      f"({t['torch_threads']} threads): ours / torch = {t['ours_over_torch']:.2f}; "
+                      f"max |Δlogit| {t['max_abs_logit_diff']:.1e}"]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--schedules", default=",".join(SCHEDULES))
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--text-len", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "speed.json"))
+    a = ap.parse_args(argv)
+    t0 = time.time()
+    params = init_params(bench_config(a.width, "vanilla"), jax.random.PRNGKey(0))
+    rows = []
+    for name in a.schedules.split(","):
+        rows.append(measure_schedule(name, params, a))
+        print(f"  {name}: train {rows[-1]['train_step_s']:.3f} s, prefill {rows[-1]['prefill_s']:.4f} s",
+              flush=True)
+    res = dict(width=a.width, text_len=a.text_len, batch=a.batch, repeats=a.repeats, schedules=rows,
+               device=str(jax.devices()[0]), cpu_count=os.cpu_count())
+    if not a.no_torch:
+        res["torch"] = torch_vs_ours(params, a)
+    res["seconds"] = time.time() - t0
+    print(table(res))
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as fh:
+        json.dump(res, fh, indent=1)
+    print(f"\n{res['seconds']:.0f} s; written to {a.out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
