@@ -103,8 +103,12 @@ def init_state(cfg, mesh, tx):
     """Parameters initialised into their shardings, then the optimizer state beside them."""
     params, _ = shard_lib.sharded_init(cfg, mesh, jax.random.PRNGKey(cfg.train.seed))
     opt_state = jax.jit(tx.init)(params)
-    return dict(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32),
-                rng=jax.random.PRNGKey(cfg.train.seed + 1))
+    # Step and RNG replicated over the mesh: single-device arrays would clash with the mesh in
+    # the jitted step (and cannot be placed at all when processes share the mesh).
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), jax.random.PRNGKey(cfg.train.seed + 1)),
+                        out_shardings=replicated)()
+    return dict(params=params, opt_state=opt_state, step=step, rng=rng)
 
 
 def load_pretrained(cfg, state, path: str):
@@ -112,8 +116,13 @@ def load_pretrained(cfg, state, path: str):
     architecture must match, the HiDrop schedule and training settings come from `cfg`."""
     from hidrop_jax.convert import load_checkpoint
     src_cfg, params = load_checkpoint(path)
-    if src_cfg.model.to_dict() != cfg.model.to_dict():
-        raise ValueError(f"train.init_from={path!r}: its model config differs from --config's")
+    runtime = ("dtype", "remat", "scan_unroll", "attention_impl")  # how to run, not what to run
+    arch = lambda m: {k: v for k, v in m.to_dict().items() if k not in runtime}
+    if arch(src_cfg.model) != arch(cfg.model):
+        diff = sorted(k for k in set(arch(src_cfg.model)) | set(arch(cfg.model))
+                      if arch(src_cfg.model).get(k) != arch(cfg.model).get(k))
+        raise ValueError(f"train.init_from={path!r}: its architecture differs from --config's in "
+                         f"model.{', model.'.join(diff)}")
     shardings = jax.tree.map(lambda x: x.sharding, state["params"])
     state["params"] = jax.tree.map(lambda a, s: jax.device_put(a, s), params, shardings)
     return state
@@ -308,8 +317,9 @@ def main(argv):
     cfg = FLAGS.config
     if FLAGS.coordinator:
         jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
-    elif os.environ.get("SLURM_NTASKS", "1") != "1" or os.environ.get("TPU_WORKER_HOSTNAMES"):
-        jax.distributed.initialize()
+    elif (FLAGS.distributed or os.environ.get("SLURM_NTASKS", "1") != "1"
+          or os.environ.get("TPU_WORKER_HOSTNAMES")):
+        jax.distributed.initialize()  # auto-detects TPU pods (also plain TPU VMs) and SLURM
     logging.basicConfig(level=logging.INFO)
     train(cfg, FLAGS.workdir)
 
@@ -323,5 +333,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("coordinator", "", "host:port of process 0 (multi-process without a launcher)")
     flags.DEFINE_integer("num_processes", 1, "processes in the job (with --coordinator)")
     flags.DEFINE_integer("process_id", 0, "this process's index (with --coordinator)")
+    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host TPU VMs)")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)
