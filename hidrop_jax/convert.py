@@ -271,17 +271,30 @@ def save_checkpoint(out_dir, cfg, params) -> None:
     os.replace(tmp, out / "config.json")
 
 
-def load_checkpoint(ckpt_dir):
-    """(cfg, params) written by `save_checkpoint`; shapes checked against the config."""
+def load_checkpoint(ckpt_dir, *, check_shapes: bool = True):
+    """(cfg, params) from `save_checkpoint`'s directory or a training workdir (its latest
+    checkpoint). With `check_shapes=False` the arrays keep the shapes they were saved with, so
+    a config/array mismatch can be reported tensor by tensor (`export.check_params`)."""
     import orbax.checkpoint as ocp
     from hidrop_jax.model import abstract_params
     d = Path(ckpt_dir).absolute()
+    if (d / "checkpoints").is_dir() and not (d / "params").exists():
+        from hidrop_jax.evaluate import load_run
+        cfg, params, _ = load_run(d)
+        return cfg, params
     for need in ("config.json", "params"):
         if not (d / need).exists():
-            raise FileNotFoundError(f"{d / need} does not exist (not a hidrop_jax checkpoint)")
+            raise FileNotFoundError(f"{d / need} does not exist (not a hidrop_jax checkpoint or "
+                                    "training workdir)")
     cfg = ml_collections.ConfigDict(json.loads((d / "config.json").read_text()))
     with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(d / "params", abstract_params(cfg))
+        if check_shapes:
+            target = abstract_params(cfg)
+        else:
+            meta = ckptr.metadata(d / "params")
+            target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                  getattr(meta, "item_metadata", meta))
+        params = ckptr.restore(d / "params", target)
     return cfg, params
 
 

@@ -254,8 +254,8 @@ def _size(s: str) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("export-hf", help="orbax checkpoint (+ config.json) -> HF LLaVA dir")
-    p.add_argument("ckpt_dir")
+    p = sub.add_parser("export-hf", help="checkpoint or training workdir -> HF LLaVA dir")
+    p.add_argument("ckpt_dir", help="an import-hf/save_checkpoint dir or a training workdir")
     p.add_argument("out_dir")
     p.add_argument("--tokenizer", help="a tokenizer directory (AutoTokenizer, offline) to save "
                    "with a CLIP image processor and a LlavaProcessor")
@@ -264,31 +264,15 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
 
 
-def load_checkpoint_unchecked(ckpt_dir):
-    """(cfg, params) as stored by `convert.save_checkpoint`, shapes as saved (not forced to the
-    config), so that a config/array mismatch is reported by `check_params` naming the tensor."""
-    import ml_collections
-    import orbax.checkpoint as ocp
-    d = Path(ckpt_dir).absolute()
-    for need in ("config.json", "params"):
-        if not (d / need).exists():
-            raise FileNotFoundError(f"{d / need} does not exist (not a hidrop_jax checkpoint)")
-    cfg = ml_collections.ConfigDict(json.loads((d / "config.json").read_text()))
-    with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(d / "params")
-        tree = getattr(meta, "item_metadata", meta)
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-        params = ckptr.restore(d / "params", target)
-    return cfg, params
-
-
 def run_cli(args) -> None:
+    from hidrop_jax.convert import load_checkpoint
     tokenizer = None
-    if args.tokenizer:
+    tok_dir = args.tokenizer or (Path(args.ckpt_dir) / "tokenizer")  # a training run keeps its own
+    if args.tokenizer or Path(tok_dir).is_dir():
         from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     _check_out_dir(Path(args.out_dir).absolute(), args.overwrite)  # fail before reading weights
-    cfg, params = load_checkpoint_unchecked(args.ckpt_dir)
+    cfg, params = load_checkpoint(args.ckpt_dir, check_shapes=False)
     out = save_hf(cfg, params, args.out_dir, tokenizer, max_shard_bytes=args.max_shard_size,
                   overwrite=args.overwrite)
     from hidrop_jax.model import count_params

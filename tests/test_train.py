@@ -143,3 +143,35 @@ def test_bad_schedule_fails_at_start(data_dir, tmp_path):
     cfg.hidrop.keep = (99,) * len(cfg.hidrop.keep)
     with pytest.raises(ValueError, match=r"hidrop.keep\[0\] = 99"):
         train_lib.train(cfg, tmp_path)
+
+
+def test_trained_workdir_exports_and_pytorch_agrees(data_dir, tmp_path):
+    """`export-hf` takes a training workdir (weights + its tokenizer); PyTorch then gives the
+    JAX vanilla logits on a real validation batch, and the same teacher-forced accuracy."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from hidrop_jax import evaluate as eval_lib
+    from hidrop_jax.convert import main as convert_main
+    from hidrop_jax.model import forward
+    cfg = _cfg(data_dir, "schedule=vanilla", steps=2, ckpt_every=2)
+    train_lib.train(cfg, tmp_path / "run")
+    convert_main(["export-hf", str(tmp_path / "run"), str(tmp_path / "hf")])
+    assert AutoProcessor.from_pretrained(tmp_path / "hf").tokenizer.convert_tokens_to_ids("<image>") == 3
+    cfg, params, _ = load_run(tmp_path / "run")
+    tok, spec, _, src = train_lib.data_setup(cfg, tmp_path / "run")
+    batch = next(data_lib.eval_batches(src, tok, spec, batch_size=4))
+    ours = np.asarray(forward(cfg, params, data_lib.to_inputs(batch)[0]))
+    ids, mask, cols = eval_lib.expand_image_tokens(batch, 3, spec.n_vision)
+    has = np.asarray(batch["has_image"])
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                 pixel_values=torch.tensor(np.asarray(batch["pixels"])[has].transpose(0, 3, 1, 2))).logits
+    ref = np.take_along_axis(ref.numpy(), cols[..., None], axis=1)
+    valid = np.asarray(batch["text_valid"])
+    np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-4, rtol=0)
+    mesh = shard_lib.make_mesh((-1, 1, 1))
+    jax_acc = eval_lib.evaluate_params(cfg, params, src, tok, spec, mesh, batch_size=4)
+    torch_acc = eval_lib.evaluate_torch(tmp_path / "hf", src, tok, spec, batch_size=4)
+    assert jax_acc["rounds"] == torch_acc["rounds"] > 0
+    assert jax_acc["accuracy"] == pytest.approx(torch_acc["accuracy"])
