@@ -156,8 +156,9 @@ def hidrop_config(name: str = "vanilla", num_layers: int = 32, n_vision: int = 5
     s = preset(name, num_layers, n_vision, **overrides)
     return ml_collections.ConfigDict(dict(
         name=name, inject_layer=s.inject_layer, prune_after=s.prune_after, keep=s.keep,
-        exit_layer=s.exit_layer, selection=s.selection, positions=s.positions,
-        temperature=s.temperature))
+        # typed, so `--config.hidrop.exit_layer=24` can override a None (no exit) default
+        exit_layer=ml_collections.FieldReference(s.exit_layer, field_type=int),
+        selection=s.selection, positions=s.positions, temperature=s.temperature))
 
 
 def from_config(cfg) -> Schedule:
