@@ -101,11 +101,16 @@ def make_train_step(cfg, tx):
 
 def init_state(cfg, mesh, tx):
     """Parameters initialised into their shardings, then the optimizer state beside them."""
-    params, _ = shard_lib.sharded_init(cfg, mesh, jax.random.PRNGKey(cfg.train.seed))
-    opt_state = jax.jit(tx.init)(params)
-    # Step and RNG replicated over the mesh: single-device arrays would clash with the mesh in
-    # the jitted step (and cannot be placed at all when processes share the mesh).
+    params, shardings = shard_lib.sharded_init(cfg, mesh, jax.random.PRNGKey(cfg.train.seed))
+    # Everything on the mesh: optimizer moments as their parameters, scalars (Adam's count, the
+    # step, the RNG) replicated. Single-device arrays would clash with the mesh in the jitted
+    # step (and cannot be placed at all when processes share the mesh).
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731 (frozen parts' moments)
+    opt_sh = optax.tree_utils.tree_map_params(
+        tx, lambda x, s: x if masked(x) else s, jax.eval_shape(tx.init, params), shardings,
+        transform_non_params=lambda _: replicated, is_leaf=masked)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
     step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), jax.random.PRNGKey(cfg.train.seed + 1)),
                         out_shardings=replicated)()
     return dict(params=params, opt_state=opt_state, step=step, rng=rng)
