@@ -39,25 +39,55 @@ def round_results(pred, targets):
     return out
 
 
+def local_rows(x) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in its local batch order."""
+    seen, rows = set(), []
+    for sh in sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0):
+        key = (sh.index[0].start, sh.index[0].stop)
+        if key not in seen:  # replicas over the other mesh axes hold the same rows
+            seen.add(key)
+            rows.append(np.asarray(sh.data))
+    return np.concatenate(rows)
+
+
+def _summed_over_processes(per_type: dict) -> dict:
+    """{type: [correct, rounds]} added up over all processes (each scored its own shard)."""
+    counts = np.array([per_type.get(t, [0, 0]) for t in QUESTION_TYPES], np.int64)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
+    return {t: c for t, c in zip(QUESTION_TYPES, counts.tolist()) if c[1]}
+
+
 def evaluate_params(cfg, params, source, tokenizer, spec, mesh, *, max_batches=None, batch_size=None):
-    """Accuracy of `params` under `cfg.hidrop` on `source` (one pass, or `max_batches`)."""
+    """Accuracy of `params` under `cfg.hidrop` on `source` (one pass, or `max_batches`); each
+    process scores its shard of the data and the counts are summed."""
     from hidrop_jax.train import device_batch
     bs = batch_size or cfg.train.batch_size // cfg.train.grad_accum
-    predict = jax.jit(lambda p, x: forward(cfg, p, x).argmax(-1))
-    per_type, n_batches, stats = defaultdict(list), 0, data_lib.Stats()
-    for batch in data_lib.eval_batches(source, tokenizer, spec, batch_size=bs, stats=stats):
-        inputs, targets = device_batch(batch, mesh)
-        pred = jax.device_get(predict(params, inputs))
+    from hidrop_jax.sharding import batch_sharding
+    predict = jax.jit(lambda p, x: forward(cfg, p, x).argmax(-1), out_shardings=batch_sharding(mesh))
+    per_type, stats = defaultdict(lambda: [0, 0]), data_lib.Stats()
+    local_bs, procs = bs // jax.process_count(), jax.process_count()
+    # Every process runs the same number of steps (they are collectives): shards differ by at
+    # most one record, so the short ones finish with empty (all-invalid) batches.
+    n_steps = -(-(-(-len(source) // procs)) // local_bs)
+    n_steps = min(n_steps, max_batches) if max_batches else n_steps
+    it = data_lib.eval_batches(source, tokenizer, spec, batch_size=local_bs, stats=stats)
+    batch = None
+    for _ in range(n_steps):
+        nxt = next(it, None)
+        batch = nxt if nxt is not None else data_lib.pad_batch({k: v[:0] for k, v in batch.items()}, local_bs)
+        inputs, _ = device_batch(batch, mesh)
+        pred = local_rows(predict(params, inputs))
         for qtype, ok in round_results(pred, data_lib.to_inputs(batch)[1]):
-            per_type[qtype].append(ok)
-        n_batches += 1
-        if max_batches and n_batches >= max_batches:
-            break
+            per_type[qtype][0] += ok
+            per_type[qtype][1] += 1
+    per_type = _summed_over_processes(per_type)
     s = schedule_of(cfg)
-    allr = [ok for v in per_type.values() for ok in v]
+    correct, rounds = (sum(c[i] for c in per_type.values()) for i in (0, 1))
     return dict(
-        accuracy=float(np.mean(allr)) if allr else float("nan"), rounds=len(allr),
-        per_type={k: dict(accuracy=float(np.mean(v)), rounds=len(v)) for k, v in sorted(per_type.items())},
+        accuracy=correct / rounds if rounds else float("nan"), rounds=rounds,
+        per_type={k: dict(accuracy=c / n, rounds=n) for k, (c, n) in sorted(per_type.items())},
         schedule=cfg.hidrop.to_dict(), vision_tokens_per_layer=s.tokens_per_layer(),
         mean_vision_tokens=s.mean_tokens(), skipped_records=stats.counts["skipped"],
         truncated=stats.counts["truncated"])

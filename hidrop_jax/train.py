@@ -141,22 +141,22 @@ def checkpoint_manager(workdir: Path, t):
 
 
 def save(mgr, step: int, state, data_iter) -> None:
+    """The train state and every process's data-iterator position (grain writes one file per
+    process, so each host resumes its own shard)."""
+    import grain.python as grain
     import orbax.checkpoint as ocp
-    it_state = data_iter.get_state()
-    it_state = it_state.decode() if isinstance(it_state, bytes) else it_state
     mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                           data=ocp.args.JsonSave({"iterator": it_state})))
+                                           data=grain.PyGrainCheckpointSave(data_iter)))
 
 
 def restore(mgr, state, data_iter):
     """Latest checkpoint into `state`'s shapes and shardings; the data iterator resumes too."""
+    import grain.python as grain
     import orbax.checkpoint as ocp
     step = mgr.latest_step()
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     got = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                    data=ocp.args.JsonRestore()))
-    it_state = got["data"]["iterator"]
-    data_iter.set_state(it_state.encode() if isinstance(it_state, str) else it_state)
+                                                    data=grain.PyGrainCheckpointRestore(data_iter)))
     return got["state"], step
 
 

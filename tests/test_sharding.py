@@ -217,3 +217,23 @@ def test_two_processes_match_single_process(run, meshes, tmp_path):
             np.testing.assert_allclose(g, g_ref[k], rtol=0, atol=TOL, err_msg=f"process {i} grad {k}")
     layout = json.loads((run["out"] / "multihost_layout.json").read_text())
     assert layout[Q_PROJ] == dict(spec=[None, "fsdp", "tensor"], shard=[4, 32, 32])
+
+
+@pytest.mark.slow
+def test_two_process_training_evaluates_and_resumes(run):
+    """The real CLI on two processes (launch/local.sh, fsdp across them): it evaluates (each
+    process scores its shard; counts are summed), checkpoints each process's data position and
+    resumes from it."""
+    work = run["root"] / "mp_run"
+    base = ["bash", str(ROOT / "launch" / "local.sh"), "--procs", "2", "--cpu-devices", "2", "--",
+            f"--config={ROOT}/tests/tiny_config.py:schedule=tok64", f"--workdir={work}",
+            "--config.train.mesh=(1,-1,1)", "--config.train.ckpt_every=2",
+            f"--config.data.data_dir={run['data_dir']}"]
+    for steps in (2, 4):
+        p = subprocess.run(base + [f"--config.train.steps={steps}", f"--config.train.eval_every={steps}"],
+                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+        assert p.returncode == 0, p.stderr[-4000:]
+    evals = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in line]
+    assert [e["step"] for e in evals] == [2, 4]
+    assert sorted(int(d.name) for d in (work / "checkpoints").iterdir() if d.name.isdigit())[-1] == 4
