@@ -318,7 +318,7 @@ class _Writer:
 
 
 def main(argv):
-    from absl import app  # noqa: F401
+    del argv
     cfg = FLAGS.config
     if FLAGS.coordinator:
         jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)

@@ -37,24 +37,9 @@ The first argument that is not one of these (or everything after `--`) starts TR
 EOF
 }
 
-# Shell-quote one word the way Python's shlex.quote does (so printed commands can be pasted).
-q() {
-  if [[ $1 =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-quote_cmd() {
-  local out="" w
-  for w in "$@"; do out+="${out:+ }$(q "$w")"; done
-  printf '%s' "$out"
-}
-
-die() { echo "launch/local.sh: $*" >&2; exit 2; }
-
-need_value() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value"; }
+SCRIPT=launch/local.sh
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-$REPO/.venv/bin/python}

@@ -55,23 +55,9 @@ gcsfuse), because checkpoints are written by all workers together. See launch/RE
 EOF
 }
 
-q() {
-  if [[ $1 =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-quote_cmd() {
-  local out="" w
-  for w in "$@"; do out+="${out:+ }$(q "$w")"; done
-  printf '%s' "$out"
-}
-
-die() { echo "launch/tpu_pod.sh: $*" >&2; exit 2; }
-
-need_value() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value"; }
+SCRIPT=launch/tpu_pod.sh
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 name=""

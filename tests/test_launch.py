@@ -113,7 +113,9 @@ def test_shellcheck():
         for p in paths:
             subprocess.run(["bash", "-n", p], check=True)
         pytest.skip("shellcheck is not installed: checked `bash -n` syntax only")
-    p = subprocess.run(["shellcheck", "--shell=bash", *paths], capture_output=True, text=True)
+    # -x follows `source launch/common.sh` (the directives name it from the repository root)
+    p = subprocess.run(["shellcheck", "-x", "--shell=bash", *paths, str(LAUNCH / "common.sh")],
+                       capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 0, p.stdout + p.stderr
 
 
