@@ -15,6 +15,7 @@ TEXT_ACTS = ("silu",)
 STRATEGIES = ("default", "full")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "minimal", "full")
+ATTENTION_IMPLS = (None, "xla", "cudnn")
 
 
 def model_config(
@@ -29,6 +30,7 @@ def model_config(
     dtype: str = "float32",
     remat: str = "none",
     scan_unroll: bool = False,
+    attention_impl: str | None = None,
 ) -> ml_collections.ConfigDict:
     """Builds `cfg.model`. `vision`/`text` give the sizes; defaults follow LLaVA-1.5."""
     v = dict(num_channels=3, layer_norm_eps=1e-5, hidden_act="quick_gelu")
@@ -47,6 +49,10 @@ def model_config(
         dtype=dtype,
         remat=remat,
         scan_unroll=scan_unroll,
+        # jax.nn.dot_product_attention's implementation: None = XLA picks (cuDNN on GPU when the
+        # shapes allow), "xla", or "cudnn" (fails loudly where unsupported). Typed so that
+        # --config.model.attention_impl=cudnn can override the None default.
+        attention_impl=ml_collections.FieldReference(attention_impl, field_type=str),
     ))
     validate_model(m)
     return m
@@ -69,6 +75,8 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
         _fail("model.select_strategy", m.select_strategy, f"one of {STRATEGIES}")
     if m.dtype not in DTYPES:
         _fail("model.dtype", m.dtype, f"one of {DTYPES}")
+    if m.get("attention_impl") not in ATTENTION_IMPLS:
+        _fail("model.attention_impl", m.attention_impl, f"one of {ATTENTION_IMPLS}")
     if m.remat not in REMAT_POLICIES:
         _fail("model.remat", m.remat, f"one of {REMAT_POLICIES}")
     fl = m.feature_layer

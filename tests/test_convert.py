@@ -136,3 +136,12 @@ def test_param_count_equals_hf(name):
     with torch.device("meta"):
         hf = LlavaForConditionalGeneration(LlavaConfig(**config_to_hf(cfg)))
     assert count_params(abstract_params(cfg)) == sum(p.numel() for p in hf.parameters())
+
+
+def test_bad_attention_impl_names_the_field():
+    from hidrop_jax.config import model_config
+    with pytest.raises(ValueError, match="model.attention_impl.*'flash'.*cudnn"):
+        model_config(vision=dict(image_size=28, patch_size=14, hidden_size=8, intermediate_size=8,
+                                 num_layers=1, num_heads=1),
+                     text=dict(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1),
+                     attention_impl="flash")
