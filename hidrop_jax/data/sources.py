@@ -31,25 +31,25 @@ def _parse(spec: str):
     return name, config or None, kw
 
 
+def _check_args(spec: str, name: str, config, kw: dict, allowed: dict) -> None:
+    bad = set(kw) - set(allowed)
+    if bad:
+        raise ValueError(f"{name} args {sorted(bad)} unknown; allowed: {sorted(allowed)}")
+    if kw and config:
+        raise ValueError(f"{spec!r}: give a named config or args, not both")
+
+
 def make_builder(spec: str, data_dir: str):
     """The TFDS builder named by `spec` (see module doc); nothing is generated yet."""
     name, config, kw = _parse(spec)
     if name == "shapes_vqa":
         from hidrop_jax.data.shapes_vqa import ShapesVqa, shapes_config
-        bad = set(kw) - set(_SHAPES_ARGS)
-        if bad:
-            raise ValueError(f"shapes_vqa args {sorted(bad)} unknown; allowed: {sorted(_SHAPES_ARGS)}")
-        if kw and config:
-            raise ValueError(f"{spec!r}: give a named config or args, not both")
+        _check_args(spec, name, config, kw, _SHAPES_ARGS)
         cfg = config or shapes_config(**{k: _SHAPES_ARGS[k](v) for k, v in kw.items()})
         return ShapesVqa(data_dir=data_dir, config=cfg)
     if name == "llava_json":
         from hidrop_jax.data.llava_json import LlavaJson, llava_json_config
-        bad = set(kw) - set(_LLAVA_ARGS)
-        if bad:
-            raise ValueError(f"llava_json args {sorted(bad)} unknown; allowed: {sorted(_LLAVA_ARGS)}")
-        if kw and config:
-            raise ValueError(f"{spec!r}: give a named config or args, not both")
+        _check_args(spec, name, config, kw, _LLAVA_ARGS)
         if kw:
             if "json_file" not in kw:
                 raise ValueError(f"{spec!r}: llava_json needs json_file=...")
