@@ -74,11 +74,11 @@ def canonical_name(name: str) -> str:
     return name
 
 
-def _to_ours(kind: str, a: np.ndarray) -> np.ndarray:
+def to_ours(kind: str, a: np.ndarray) -> np.ndarray:
     return {"linear": lambda x: x.T, "conv": lambda x: x.transpose(2, 3, 1, 0), "copy": lambda x: x}[kind](a)
 
 
-def _to_hf(kind: str, a: np.ndarray) -> np.ndarray:
+def to_hf(kind: str, a: np.ndarray) -> np.ndarray:
     return {"linear": lambda x: x.T, "conv": lambda x: x.transpose(3, 2, 0, 1), "copy": lambda x: x}[kind](a)
 
 
@@ -227,10 +227,10 @@ def params_from_tensors(cfg, tensors) -> dict:
             continue
         path, layer, kind = want[name]
         seen.add(name)
-        value = _to_ours(kind, arr)
+        value = to_ours(kind, arr)
         target = shapes[path][1:] if layer is not None else shapes[path]
         if value.shape != tuple(target):
-            hf_shape = tuple(_to_hf(kind, np.empty(target, np.int8)).shape)
+            hf_shape = tuple(to_hf(kind, np.empty(target, np.int8)).shape)
             errors.append(f"tensor {raw!r} has shape {tuple(arr.shape)}, expected {hf_shape}")
             continue
         if layer is None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from hidrop_jax.convert import TABLE, _to_hf, config_to_hf, expected_tensors
+from hidrop_jax.convert import TABLE, to_hf, config_to_hf, expected_tensors
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # OpenAI CLIP (what LLaVA-1.5 uses)
@@ -55,8 +55,8 @@ def check_params(cfg, params) -> None:
         kind = names[path][1] if path in names else "copy"
         try:
             if path.split("/")[1:2] == ["layers"]:  # stacked for nn.scan: [layers, ...]
-                return f"{shape[0]} layers x {tuple(_to_hf(kind, np.empty(shape[1:], np.int8)).shape)}"
-            return str(tuple(_to_hf(kind, np.empty(shape, np.int8)).shape))
+                return f"{shape[0]} layers x {tuple(to_hf(kind, np.empty(shape[1:], np.int8)).shape)}"
+            return str(tuple(to_hf(kind, np.empty(shape, np.int8)).shape))
         except (ValueError, IndexError):  # not even the right rank
             return f"{shape} (ours)"
 
@@ -102,7 +102,7 @@ def _hf_tensor(flat, path, layer, kind) -> np.ndarray:
     a = flat[path]
     if layer is not None:
         a = a[layer]  # device/array slice: only this layer is copied to host
-    return np.ascontiguousarray(_to_hf(kind, np.asarray(a, dtype=_DTYPE)))
+    return np.ascontiguousarray(to_hf(kind, np.asarray(a, dtype=_DTYPE)))
 
 
 def _write_weights(tmp: Path, cfg, params, max_shard_bytes: int) -> None:

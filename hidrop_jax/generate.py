@@ -57,7 +57,7 @@ from hidrop_jax.config import n_vision_tokens
 from hidrop_jax.hidrop import schedule as schedule_lib
 from hidrop_jax.layers.llama import Embedder
 from hidrop_jax.layers.rope import rope_tables
-from hidrop_jax.model import (Inputs, StageKV, _positions, decode_layers, forward_hidden,
+from hidrop_jax.model import (Inputs, StageKV, stage_positions, decode_layers, forward_hidden,
                               hf_to_inputs, last_prompt_row, lm_logits, text_dims)
 
 
@@ -101,7 +101,7 @@ def prefill(cfg, params, inputs: Inputs, max_new_tokens: int):
         caches.append(StageKV(grow(c.k, 2), grow(c.v, 2), grow(c.pos, 1), grow(c.valid, 1)))
         write.append(jnp.int32(c.pos.shape[1]))
         n_s = n if inputs.pixels is not None else 0  # as `forward_hidden` numbers this stage
-        stage_pos = _positions(s, inputs._replace(text_pos=next_pos[:, None]), dummy_idx,
+        stage_pos = stage_positions(s, inputs._replace(text_pos=next_pos[:, None]), dummy_idx,
                                dummy_alive, n_s)[0][:, 0]
         offset.append(next_pos - stage_pos)
     return logits, State(tuple(caches), tuple(write), tuple(offset), next_pos), aux["kept"]

@@ -84,9 +84,10 @@ def _init_boxed(cfg, rng):
     }
 
 
-def init_params(cfg, rng):
-    """Random float32 parameters (plain arrays; logical axes come from `param_axes`)."""
-    return nn.unbox(jax.jit(lambda k: _init_boxed(cfg, k))(rng))
+def init_params(cfg, rng, out_shardings=None):
+    """Random float32 parameters (plain arrays; logical axes come from `param_axes`), created
+    directly in `out_shardings` when given (see `sharding.sharded_init`)."""
+    return jax.jit(lambda k: nn.unbox(_init_boxed(cfg, k)), out_shardings=out_shardings)(rng)
 
 
 def abstract_params(cfg):
@@ -155,7 +156,7 @@ def last_prompt_row(inputs: Inputs):
     return idx[:, None].astype(jnp.int32), inputs.text_valid.any(axis=1, keepdims=True)
 
 
-def _positions(s, inputs: Inputs, vis_idx, alive, n_tokens: int):
+def stage_positions(s, inputs: Inputs, vis_idx, alive, n_tokens: int):
     """Text and vision positions for a stage holding `n_tokens` vision tokens.
 
     persistent: every token keeps its full-sequence position (the paper's choice).
@@ -221,7 +222,7 @@ def forward_hidden(cfg, params, inputs: Inputs, *, collect_kv: bool = False):
             x, in_stream = jnp.concatenate([x, vision.astype(x.dtype)], axis=1), True
         if in_stream and a == s.exit:
             x, in_stream = x[:, :T], False
-        text_pos, vis_pos = _positions(s, inputs, vis_idx, alive, n_tokens if in_stream else 0)
+        text_pos, vis_pos = stage_positions(s, inputs, vis_idx, alive, n_tokens if in_stream else 0)
         if in_stream:
             pos = jnp.concatenate([text_pos, vis_pos], axis=1)
             valid = jnp.concatenate([inputs.text_valid, alive], axis=1)

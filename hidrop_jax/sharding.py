@@ -91,8 +91,7 @@ def sharded_init(cfg, mesh: Mesh, rng, rules=RULES):
     from hidrop_jax import model
     shardings = param_shardings(cfg, mesh, rules)
     check_not_replicated(shardings, model.abstract_params(cfg), mesh)
-    init = jax.jit(lambda k: nn.unbox(model._init_boxed(cfg, k)), out_shardings=shardings)
-    return init(rng), shardings
+    return model.init_params(cfg, rng, out_shardings=shardings), shardings
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
