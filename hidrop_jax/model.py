@@ -117,15 +117,24 @@ def encode_image(m, params, pixels):
     return proj.apply({"params": params["projector"]}, h)
 
 
-def run_layers(m, layers, start: int, stop: int, x, rope, pos, valid, k_raw=None, *,
+def run_layers(m, layers, start: int, stop: int, x, rope, pos, valid, raw=None, *,
                return_kv: bool = False):
-    """Decoder layers [start, stop) as one scan over the stacked parameters. `k_raw` (the
-    unrotated keys of layer `start`, from scoring) needs stop = start + 1. With `return_kv`:
-    (x, (k, v)), each layer's rotated keys/values stacked [stop − start, B, S, K, H]."""
+    """Decoder layers [start, stop) as one scan over the stacked parameters. `raw` = (k_raw,
+    v_raw): layer `start`'s unrotated key/value projections of every token, computed elsewhere
+    (either may be None; needs stop = start + 1). With `return_kv`: (x, (k, v)), each layer's
+    rotated keys/values stacked [stop − start, B, S, K, H]."""
     stack = stacked(DecoderLayer, stop - start, remat=m.remat, unroll=m.scan_unroll)(
         text_dims(m), return_kv=return_kv)
-    x, kv = stack.apply({"params": slice_layers(layers, start, stop)}, x, rope, pos, valid, None, k_raw)
+    k_raw, v_raw = raw or (None, None)
+    x, kv = stack.apply({"params": slice_layers(layers, start, stop)}, x, rope, pos, valid, None,
+                        k_raw, v_raw)
     return (x, kv) if return_kv else x
+
+
+def project_kv(m, layers, layer: int, x):
+    """Layer `layer`'s unrotated (k_proj, v_proj) of x [B, S, D] (see `DecoderLayer.project_kv`)."""
+    return DecoderLayer(text_dims(m)).apply({"params": jax.tree.map(lambda p: p[layer], layers)},
+                                            x, method=DecoderLayer.project_kv)
 
 
 def decode_layers(m, layers, start: int, stop: int, x, rope, pos, kv, k_pos, k_valid, index):
@@ -208,7 +217,13 @@ def forward_hidden(cfg, params, inputs: Inputs, *, collect_kv: bool = False):
     x = Embedder(td.vocab_size, td.hidden_size, td.dtype).apply(
         {"params": params["text"]["embed_tokens"]}, inputs.text_ids)
 
-    vision = None if inputs.pixels is None else encode_image(m, params, inputs.pixels)
+    vision, vis_kv = None, None
+    if inputs.pixels is not None:
+        # Parallel decoupling: the vision tower, the projector and the injection layer's K/V of
+        # the vision block need no text, so they form a branch XLA may schedule beside the
+        # text-only layers; the injection layer then projects only the text rows.
+        vision = encode_image(m, params, inputs.pixels).astype(x.dtype)
+        vis_kv = project_kv(m, layers, s.inject_layer, vision)
     vis_idx = jnp.broadcast_to(jnp.arange(s.n_vision, dtype=jnp.int32), (b, s.n_vision))
     alive = jnp.broadcast_to(inputs.has_image[:, None], (b, s.n_vision))
     if inputs.query_idx is None:
@@ -216,10 +231,11 @@ def forward_hidden(cfg, params, inputs: Inputs, *, collect_kv: bool = False):
     else:
         q_idx, q_valid = inputs.query_idx, inputs.query_valid
     aux = {"kept": [], "stage_text": []} | ({"kv": []} if collect_kv else {})
-    in_stream, k_raw = False, None
+    in_stream, raw = False, None
     for a, stop, n_tokens in s.segments():
         if vision is not None and a == s.inject_layer:
-            x, in_stream = jnp.concatenate([x, vision.astype(x.dtype)], axis=1), True
+            raw = tuple(jnp.concatenate(p, axis=1) for p in zip(project_kv(m, layers, a, x), vis_kv))
+            x, in_stream = jnp.concatenate([x, vision], axis=1), True
         if in_stream and a == s.exit:
             x, in_stream = x[:, :T], False
         text_pos, vis_pos = stage_positions(s, inputs, vis_idx, alive, n_tokens if in_stream else 0)
@@ -231,14 +247,14 @@ def forward_hidden(cfg, params, inputs: Inputs, *, collect_kv: bool = False):
         rope = rope_tables(pos, td.head_dim, td.rope_theta)
         kv = []
 
-        def run(x, start, stop, k_raw=None):
-            out = run_layers(m, layers, start, stop, x, rope, pos, valid, k_raw, return_kv=collect_kv)
+        def run(x, start, stop, raw=None):
+            out = run_layers(m, layers, start, stop, x, rope, pos, valid, raw, return_kv=collect_kv)
             x, kv_ = out if collect_kv else (out, None)
             kv.append(kv_)
             return x
 
-        if k_raw is not None:  # the first layer after a cut reuses the keys scoring computed
-            x, a, k_raw = run(x, a, a + 1, k_raw), a + 1, None
+        if raw is not None:  # the injection layer / the first after a cut: projections done
+            x, a, raw = run(x, a, a + 1, raw), a + 1, None
         if stop > a:
             x = run(x, a, stop)
         if collect_kv:
@@ -264,6 +280,7 @@ def forward_hidden(cfg, params, inputs: Inputs, *, collect_kv: bool = False):
                 alive = jnp.take_along_axis(alive, idx, axis=1)
                 g = gate
             x = jnp.concatenate([x[:, :T], x_vis * g[..., None].astype(x.dtype)], axis=1)
+            raw = (k_raw, None)  # the next layer reuses the keys scoring computed
     return x[:, :T], aux
 
 

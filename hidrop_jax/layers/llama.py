@@ -58,18 +58,20 @@ class LlamaAttention(nn.Module):
         """Rotated queries [B, T, N, H]; `rope` = (cos, sin) at the tokens' positions."""
         return apply_rope(self._heads(self.q_proj(x), self.dims.num_heads), *rope)
 
-    def key_value(self, x, rope, k_raw=None):
-        """Rotated keys and values [B, S, K, H]. `k_raw` = k_proj(x) when already computed."""
+    def key_value(self, x, rope, k_raw=None, v_raw=None):
+        """Rotated keys and values [B, S, K, H]. `k_raw` / `v_raw` = k_proj(x) / v_proj(x) when
+        already computed elsewhere."""
         k_raw = self.k_proj(x) if k_raw is None else k_raw
-        return self.rotate_keys(k_raw, rope), self._heads(self.v_proj(x), self.dims.num_kv_heads)
+        v_raw = self.v_proj(x) if v_raw is None else v_raw
+        return self.rotate_keys(k_raw, rope), self._heads(v_raw, self.dims.num_kv_heads)
 
     def rotate_keys(self, k_raw, rope):
         return apply_rope(self._heads(k_raw, self.dims.num_kv_heads), *rope)
 
-    def __call__(self, x, rope, pos, valid, bias=None, k_raw=None, return_kv=False):
+    def __call__(self, x, rope, pos, valid, bias=None, k_raw=None, v_raw=None, return_kv=False):
         """Self-attention of x [B, S, D]; with `return_kv` also its rotated keys and values."""
         q = self.query(x, rope)
-        k, v = self.key_value(x, rope, k_raw)
+        k, v = self.key_value(x, rope, k_raw, v_raw)
         out = attention(q, k, v, pos, pos, valid, bias=bias, implementation=self.dims.attention_impl)
         out = self.o_proj(out.reshape(*x.shape[:-1], -1))
         return (out, (k, v)) if return_kv else out
@@ -123,8 +125,16 @@ class DecoderLayer(nn.Module):
         k_raw = self.self_attn.k_proj(self.input_layernorm(xk))
         return q, self.self_attn.rotate_keys(k_raw, rope_k), k_raw
 
-    def __call__(self, x, rope, pos, valid, bias=None, k_raw=None):
-        h = self.self_attn(self.input_layernorm(x), rope, pos, valid, bias, k_raw, self.return_kv)
+    def project_kv(self, x):
+        """Unrotated (k_proj, v_proj) of x after the input norm: per token, so they can be
+        computed as soon as a token's input is known (the injected vision block, before the
+        text reaches the injection layer) and handed to `__call__` as `k_raw` / `v_raw`."""
+        h = self.input_layernorm(x)
+        return self.self_attn.k_proj(h), self.self_attn.v_proj(h)
+
+    def __call__(self, x, rope, pos, valid, bias=None, k_raw=None, v_raw=None):
+        h = self.self_attn(self.input_layernorm(x), rope, pos, valid, bias, k_raw, v_raw,
+                           self.return_kv)
         h, kv = h if self.return_kv else (h, None)
         x = x + checkpoint_name(h, "attn_out")
         h = self.mlp(self.post_attention_layernorm(x))
