@@ -193,18 +193,20 @@ class StageKV(NamedTuple):
     valid: jax.Array  # [B, S] bool
 
 
-def forward(cfg, params, inputs: Inputs, *, return_aux: bool = False):
+def forward(cfg, params, inputs: Inputs, *, vision=None, return_aux: bool = False):
     """Logits [B, T, V] float32 for the text stream, under `cfg.hidrop`'s schedule.
 
+    vision: optional projected image tokens [B, N, D] from `encode_image`, computed elsewhere (an
+    image reused across prompts); `inputs.pixels` is then not read.
     aux (if asked): `kept` = per cut the original vision indices kept [B, k]; `stage_text` = the
     text stream's hidden state after each segment.
     """
-    x, aux = forward_hidden(cfg, params, inputs)
+    x, aux = forward_hidden(cfg, params, inputs, vision=vision)
     logits = lm_logits(cfg.model, params["text"], x)
     return (logits, aux) if return_aux else logits
 
 
-def forward_hidden(cfg, params, inputs: Inputs, *, collect_kv: bool = False):
+def forward_hidden(cfg, params, inputs: Inputs, *, vision=None, collect_kv: bool = False):
     """(text stream's final hidden state [B, T, D] before the final norm, aux): `forward`
     without the head. aux as in `forward`; with `collect_kv`, also `kv` = one `StageKV` per
     segment of `Schedule.segments()` (what every layer attended to: prefill for generation).
@@ -217,12 +219,14 @@ def forward_hidden(cfg, params, inputs: Inputs, *, collect_kv: bool = False):
     x = Embedder(td.vocab_size, td.hidden_size, td.dtype).apply(
         {"params": params["text"]["embed_tokens"]}, inputs.text_ids)
 
-    vision, vis_kv = None, None
-    if inputs.pixels is not None:
+    vis_kv = None
+    if vision is None and inputs.pixels is not None:
+        vision = encode_image(m, params, inputs.pixels)
+    if vision is not None:
         # Parallel decoupling: the vision tower, the projector and the injection layer's K/V of
         # the vision block need no text, so they form a branch XLA may schedule beside the
         # text-only layers; the injection layer then projects only the text rows.
-        vision = encode_image(m, params, inputs.pixels).astype(x.dtype)
+        vision = vision.astype(x.dtype)
         vis_kv = project_kv(m, layers, s.inject_layer, vision)
     vis_idx = jnp.broadcast_to(jnp.arange(s.n_vision, dtype=jnp.int32), (b, s.n_vision))
     alive = jnp.broadcast_to(inputs.has_image[:, None], (b, s.n_vision))

@@ -51,3 +51,25 @@ def test_vision_branch_is_independent_of_the_text(schedule):
     assert res["text"] == pytest.approx(2 * (inject * layer + text_kv), rel=1e-9)
     # Pixels-only: patch conv, the CLIP layers run, projector, the injection layer's vision K/V.
     assert res["image"] == pytest.approx(2 * vision, rel=1e-9)
+
+
+def test_precomputed_vision_equals_pixels():
+    """`forward(..., vision=encode_image(...))` (the serial pipeline, or an image reused across
+    prompts) gives the logits of the fused forward."""
+    import numpy as np
+    from hidrop_jax.model import encode_image, init_params
+    cfg = tiny_config.get_config("schedule=tok64")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    pos = np.arange(T) + np.where(np.arange(T) >= 4, 16, 0)
+    x = Inputs(jnp.asarray(rng.integers(5, 128, (B, T)), jnp.int32),
+               jnp.asarray(np.broadcast_to(pos, (B, T)), jnp.int32), jnp.ones((B, T), bool),
+               jnp.full((B,), 4, jnp.int32), jnp.asarray([True, False]),
+               jnp.asarray(rng.normal(size=(B, 56, 56, 3)), jnp.float32), None, None)
+    fused = forward(cfg, params, x)
+    vision = encode_image(cfg.model, params, x.pixels)
+    serial = forward(cfg, params, x._replace(pixels=None), vision=vision)
+    np.testing.assert_allclose(np.asarray(serial), np.asarray(fused), atol=1e-6, rtol=0)
+    # and the image matters (the check above is not vacuous)
+    other = forward(cfg, params, x._replace(pixels=None), vision=vision[::-1])
+    assert np.abs(np.asarray(other) - np.asarray(fused))[0].max() > 1e-4
