@@ -7,13 +7,19 @@ vision tokens from a 336×336 image with 14-pixel patches, MLP = 2.6875 × width
 a vision tower ~5% of the LLM) at a width this CPU can run. For each schedule, in one process:
 
 * train step: forward + backward + AdamW (projector + LLM trainable, vision tower frozen as in
-  LLaVA stage 2), batch B, median seconds over `--repeats` runs after a warm-up;
-* prefill: forward of one prompt (batch 1), median seconds;
+  LLaVA stage 2), batch B, median seconds over `--repeats` runs after a warm-up; and the
+  forward + backward alone (the gradient, no optimizer: the part whose FLOPs the tokens set);
+* prefill: forward of one prompt (batch 1), median seconds; also "serial": the same prefill as
+  two programs, the vision branch (`encode_image`) first and then the LLM given its output,
+  so nothing of the vision branch can overlap the text-only layers (parallel decoupling off);
+  and the matmul FLOPs of the compiled prefill that depend on the text only / on the pixels
+  only / on both (`hidrop_jax.xla_graph`);
 * decode: greedy tokens per second after the prefill (one compiled while-loop, per-stage caches):
   (new_tokens − 1) / [t(generate new_tokens) − t(generate 1)];
 * peak memory: XLA's `memory_analysis()` of the compiled train step (temporaries + arguments);
 * predicted ratio: the paper's per-layer formula Σ_l F(n_l + T) plus the vision tower, relative
-  to vanilla (what the FLOPs say the time ratio should be).
+  to vanilla (what the FLOPs say the time ratio should be); for training, the decoder and the
+  projector count 3× (forward + both backward products) and the frozen tower 1×.
 
 Then our vanilla prefill against PyTorch `LlavaForConditionalGeneration` on identical weights
 (exported with `save_hf`), torch using the same number of CPU threads. The machine is shared and
@@ -42,7 +48,8 @@ import numpy as np  # noqa: E402
 
 from hidrop_jax.config import make_config, model_config  # noqa: E402
 from hidrop_jax.hidrop import schedule as schedule_lib  # noqa: E402
-from hidrop_jax.model import Inputs, forward, init_params  # noqa: E402
+from hidrop_jax import xla_graph  # noqa: E402
+from hidrop_jax.model import Inputs, encode_image, forward, init_params  # noqa: E402
 
 SCHEDULES = ("vanilla", "pdrop", "tok80", "tok64", "tok48")
 
@@ -109,27 +116,45 @@ def measure_schedule(name: str, params, a) -> dict:
     compiled = step.lower(state, inputs, targets).compile()
     ma = compiled.memory_analysis()
     train_s = timed(lambda: compiled(state, inputs, targets)[1]["loss"], a.repeats)
+    frozen = {"vision": params["vision"]}
+    trainable = {k: v for k, v in params.items() if k != "vision"}
+    grad = jax.jit(jax.grad(lambda p: train_lib.token_nll(forward(cfg, frozen | p, inputs), targets)[0]))
+    grad_s = timed(lambda: grad(trainable), a.repeats)
     one, _ = make_inputs(cfg, 1, a.text_len, seed=1)
     one = one._replace(query_idx=None, query_valid=None)
-    fwd = jax.jit(lambda p, x: forward(cfg, p, x))
+    fwd = jax.jit(lambda p, x: forward(cfg, p, x), keep_unused=True)
     prefill_s = timed(lambda: fwd(params, one), a.repeats)
+    branch = xla_graph.branches(fwd.lower(params, one).compile().as_text(),
+                                {"text": ("x.text",), "image": ("x.pixels",)})["flops"]
+    vis = jax.jit(lambda p, px: encode_image(cfg.model, p, px))
+    llm = jax.jit(lambda p, x, v: forward(cfg, p, x._replace(pixels=None), vision=v))
+    serial_s = timed(lambda: llm(params, one, jax.block_until_ready(vis(params, one.pixels))), a.repeats)
     gen_s = {n: timed(lambda: gen.generate(cfg, params, one, max_new_tokens=n)["tokens"],
                       max(1, a.repeats // 2)) for n in (1, a.new_tokens)}
     decode_s = (gen_s[a.new_tokens] - gen_s[1]) / (a.new_tokens - 1)  # per token, prefill excluded
     return dict(
-        schedule=name, mean_vision_tokens=s.mean_tokens(), train_step_s=train_s, prefill_s=prefill_s,
+        schedule=name, mean_vision_tokens=s.mean_tokens(), train_step_s=train_s, grad_s=grad_s,
+        prefill_s=prefill_s, prefill_serial_s=serial_s,
+        prefill_gflops={k or "params": v / 1e9 for k, v in branch.items()},
         decode_tokens_per_s=1.0 / max(decode_s, 1e-9),
         peak_memory_mib=None if ma is None else (ma.temp_size_in_bytes + ma.argument_size_in_bytes) / 2**20,
         temp_memory_mib=None if ma is None else ma.temp_size_in_bytes / 2**20,
-        predicted_macs=_predicted_macs(cfg, s, a.text_len))
+        predicted_macs=_predicted_macs(cfg, s, a.text_len),
+        predicted_train_macs=_predicted_macs(cfg, s, a.text_len, train=True))
 
 
-def _predicted_macs(cfg, s, text_len: int) -> float:
+def _predicted_macs(cfg, s, text_len: int, train: bool = False) -> float:
+    """Prefill: decoder + tower + projector. Train (vision tower frozen): decoder and projector
+    3× (forward, gradient w.r.t. inputs and w.r.t. weights), the tower's forward once."""
     fl = _flops_module()
-    t = cfg.model.text
+    t, v = cfg.model.text, cfg.model.vision
     decoder = sum(fl.paper_layer_macs(n + text_len, t.hidden_size, t.intermediate_size)
                   for n in s.tokens_per_layer())
-    return decoder + fl.tower_formula_macs(cfg)
+    tower_and_projector = fl.tower_formula_macs(cfg)
+    if not train:
+        return decoder + tower_and_projector
+    projector = s.n_vision * (v.hidden_size * t.hidden_size + t.hidden_size ** 2)
+    return 3 * (decoder + projector) + tower_and_projector - projector
 
 
 def torch_vs_ours(params, a) -> dict:
@@ -166,30 +191,90 @@ def torch_vs_ours(params, a) -> dict:
     ours = np.asarray(fwd(params, one))
     diff = float(np.abs(ours[0] - ref.numpy()[0][cols[0]]).max())
     return dict(torch_prefill_s=statistics.median(ts), ours_prefill_s=ours_s, torch_threads=threads,
-                ours_over_torch=ours_s / statistics.median(ts), max_abs_logit_diff=diff)
+                ours_over_torch=ours_s / statistics.median(ts), max_abs_logit_diff=diff,
+                kernels=kernels_vs_torch(cfg, a))
+
+
+def kernels_vs_torch(cfg, a) -> dict:
+    """The two kernels the prefill is made of, alone, at its shapes: an MLP matmul and causal
+    attention of the whole sequence, XLA:CPU vs PyTorch (seconds, medians)."""
+    import torch
+    t = cfg.model.text
+    n = 576 + a.text_len
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, t.hidden_size)).astype(np.float32)
+    w = rng.normal(size=(t.hidden_size, t.intermediate_size)).astype(np.float32)
+    q = rng.normal(size=(1, n, t.num_heads, t.head_dim)).astype(np.float32)
+    mm = jax.jit(jnp.matmul)
+    att = jax.jit(lambda q: jax.nn.dot_product_attention(q, q, q, is_causal=True))
+    xt, wt, qt = torch.tensor(x), torch.tensor(w), torch.tensor(q).transpose(1, 2)
+    x, w, q = jnp.asarray(x), jnp.asarray(w), jnp.asarray(q)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def torch_timed(fn):
+        with torch.no_grad():
+            fn()
+            ts = []
+            for _ in range(20):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    return dict(
+        shape=f"matmul [{n},{t.hidden_size}]x[{t.hidden_size},{t.intermediate_size}]; "
+              f"attention {n} tokens x {t.num_heads} heads x {t.head_dim}",
+        matmul_xla_s=timed(lambda: mm(x, w), 20), matmul_torch_s=torch_timed(lambda: xt @ wt),
+        attention_xla_s=timed(lambda: att(q), 20),
+        attention_torch_s=torch_timed(lambda: sdpa(qt, qt, qt, is_causal=True)))
 
 
 def table(res: dict) -> str:
     rows = res["schedules"]
     v = rows[0]
+    ratio = lambda key, r: v[key] / r[key]  # noqa: E731 (vanilla / schedule)
     lines = [f"width {res['width']}, 32 layers, 576 vision tokens, T={res['text_len']} text tokens, "
              f"train batch {res['batch']}; medians of {res['repeats']} runs; ratios = vanilla / schedule",
              "",
-             "| schedule | mean vis. tok. | train step (s) | train speedup | prefill (s) | prefill speedup "
-             "| predicted speedup (FLOPs) | decode (tok/s) | train peak mem (MiB) | mem vs vanilla |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "Training (projector + LLM trainable, AdamW):",
+             "",
+             "| schedule | mean vis. tok. | train step (s) | speedup | fwd+bwd (s) | speedup "
+             "| predicted (FLOPs) | fwd+bwd / predicted | step predicted (FLOPs + AdamW) "
+             "| step / predicted | peak mem (MiB) | mem vs vanilla |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    adamw = v["train_step_s"] - v["grad_s"]  # the update: per parameter, the same for every schedule
     for r in rows:
+        pred = ratio("predicted_train_macs", r)
+        step_pred = v["train_step_s"] / (v["grad_s"] / pred + adamw)
         lines.append(
             f"| {r['schedule']} | {r['mean_vision_tokens']:.0f} | {r['train_step_s']:.3f} "
-            f"| {v['train_step_s'] / r['train_step_s']:.2f}× | {r['prefill_s']:.4f} "
-            f"| {v['prefill_s'] / r['prefill_s']:.2f}× | {v['predicted_macs'] / r['predicted_macs']:.2f}× "
-            f"| {r['decode_tokens_per_s']:.1f} | {r['peak_memory_mib']:.0f} "
-            f"| {r['peak_memory_mib'] / v['peak_memory_mib']:.2f} |")
+            f"| {ratio('train_step_s', r):.2f}× | {r['grad_s']:.3f} | {ratio('grad_s', r):.2f}× "
+            f"| {pred:.2f}× | {ratio('grad_s', r) / pred:.2f} | {step_pred:.2f}× "
+            f"| {ratio('train_step_s', r) / step_pred:.2f} "
+            f"| {r['peak_memory_mib']:.0f} | {r['peak_memory_mib'] / v['peak_memory_mib']:.2f} |")
+    lines += ["", "Inference (batch 1):", "",
+              "| schedule | prefill (s) | speedup | predicted (FLOPs) | prefill / predicted "
+              "| serial vision branch (s) | serial / decoupled | GFLOP text-only | GFLOP image-only "
+              "| GFLOP both | decode (tok/s) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pred = ratio("predicted_macs", r)
+        g = r["prefill_gflops"]
+        lines.append(
+            f"| {r['schedule']} | {r['prefill_s']:.4f} | {ratio('prefill_s', r):.2f}× | {pred:.2f}× "
+            f"| {ratio('prefill_s', r) / pred:.2f} | {r['prefill_serial_s']:.4f} "
+            f"| {r['prefill_serial_s'] / r['prefill_s']:.2f} | {g.get('text', 0):.2f} "
+            f"| {g.get('image', 0):.2f} | {g.get('image+text', 0):.2f} | {r['decode_tokens_per_s']:.1f} |")
     t = res.get("torch")
     if t:
         lines += ["", f"vanilla prefill, ours {t['ours_prefill_s']:.4f} s vs PyTorch {t['torch_prefill_s']:.4f} s "
                       f"({t['torch_threads']} threads): ours / torch = {t['ours_over_torch']:.2f}; "
                       f"max |Δlogit| {t['max_abs_logit_diff']:.1e}"]
+        k = t["kernels"]
+        lines += [f"kernels alone ({k['shape']}): matmul XLA {k['matmul_xla_s'] * 1e3:.2f} ms vs "
+                  f"torch {k['matmul_torch_s'] * 1e3:.2f} ms ({k['matmul_xla_s'] / k['matmul_torch_s']:.2f}×); "
+                  f"attention XLA {k['attention_xla_s'] * 1e3:.2f} ms vs torch "
+                  f"{k['attention_torch_s'] * 1e3:.2f} ms ({k['attention_xla_s'] / k['attention_torch_s']:.2f}×)"]
     return "\n".join(lines)
 
 

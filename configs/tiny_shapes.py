@@ -1,5 +1,11 @@
-"""The CPU demo model: LLaVA-1.5's proportions where they matter for HiDrop (336×336 images,
-patch 14 -> 576 vision tokens, 32 decoder layers would be slow here, so 8) at a tiny width.
+"""The CPU demo model: LLaVA-1.5's layout where it matters for HiDrop (336×336 images, an
+image block in the middle of the prompt, late injection, pyramid cuts, exit) at a tiny size.
+
+Sizes are set by the 20-minute budget of `make demo` on 2 CPU cores: with 14-px patches (576
+vision tokens, LLaVA-1.5's count) a step of 16 samples takes ~3 s, so only ~300 steps fit; 28-px
+patches give 144 tokens (the smallest the demo allows) and ~0.7 s per Tok64 step, so ~1,200
+steps. `--config.model.vision.patch_size=14` restores 576 tokens. Everything is trained from
+scratch (no pretrained CLIP offline).
 
     configs/tiny_shapes.py:schedule=tok64
 """
@@ -9,15 +15,15 @@ from hidrop_jax.config import make_config, model_config
 
 def get_config(arg: str = ""):
     model = model_config(
-        vision=dict(image_size=336, patch_size=14, hidden_size=64, intermediate_size=128,
+        vision=dict(image_size=336, patch_size=28, hidden_size=64, intermediate_size=128,
                     num_layers=3, num_heads=4),
         text=dict(vocab_size=128, hidden_size=128, intermediate_size=256, num_layers=8,
                   num_heads=4, num_kv_heads=2, rms_norm_eps=1e-5, max_position_embeddings=1024),
         image_token_id=3)
     cfg = make_config(model, arg)
     # The demo trains from scratch (no pretrained CLIP here), so the vision tower trains too.
-    cfg.train.update(trainable="all", steps=600, batch_size=16, lr=1e-3, warmup_steps=50,
-                     end_lr_ratio=0.05, weight_decay=0.01, log_every=10, eval_every=200,
-                     eval_batches=8, ckpt_every=100)
-    cfg.data.update(name="shapes_vqa", max_len=96)
+    cfg.train.update(trainable="all", steps=1200, batch_size=16, lr=2e-3, warmup_steps=50,
+                     end_lr_ratio=0.05, weight_decay=0.01, log_every=10, eval_every=400,
+                     eval_batches=8, ckpt_every=200)
+    cfg.data.update(name="shapes_vqa", max_len=80)  # the longest conversation is 78 tokens
     return cfg

@@ -1,11 +1,11 @@
 """`make demo`: the CPU demo, end to end.
 
 1. build the bundled `shapes_vqa` dataset (TFDS, ArrayRecord, generated offline from a seed);
-2. train the tiny LLaVA (`configs/tiny_shapes.py`, 576 vision tokens) with HiDrop from scratch;
+2. train the tiny LLaVA (`configs/tiny_shapes.py`, 144 vision tokens) with HiDrop from scratch;
 3. evaluate on the validation split under HiDrop and under `vanilla` (all tokens everywhere);
 4. export to Hugging Face format and evaluate the export with PyTorch (vanilla: HF has no pruning).
 
-    python -m hidrop_jax.demo [--workdir runs/demo] [--steps 600] [--schedule tok64]
+    python -m hidrop_jax.demo [--workdir runs/demo] [--steps 1200] [--schedule tok64]
 
 Rerunning resumes: the dataset, the checkpoints and the export are reused when present.
 """
@@ -25,7 +25,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m hidrop_jax.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="runs/demo")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (config default)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (config default 1200)")
     ap.add_argument("--schedule", default="tok64", help="HiDrop preset to train with")
     ap.add_argument("--data", default="shapes_vqa", help="dataset spec (small: shapes_vqa/small)")
     ap.add_argument("--eval-batches", type=int, default=0, help="0 = the whole validation split")
