@@ -313,7 +313,8 @@ def plot_all(report: dict, out: Path, size=(8, 4.5), dpi=100):
     _mark(ax, prop, what=("inject",))
     ax.set(xlabel="layer l (0-based)", ylabel="cos(own image, other image)",
            title="cross-modal: instruction states after layer l (≈1: no fusion yet)")
-    ax.legend(fontsize=8)
+    if prop:  # only the marks carry labels
+        ax.legend(fontsize=8)
     save(fig, "cross_modal.png")
 
     fig, ax = plt.subplots(figsize=size)
