@@ -94,6 +94,8 @@ def make_inputs(cfg, batch: int, text_len: int, seed: int = 0) -> tuple[Inputs, 
 
 
 def timed(fn, repeats: int) -> float:
+    """Median seconds of fn() after a warm-up. PyTorch CPU results pass through
+    `block_until_ready` unchanged (they are ready when returned)."""
     jax.block_until_ready(fn())  # warm-up (and compile)
     ts = []
     for _ in range(repeats):
@@ -125,7 +127,7 @@ def measure_schedule(name: str, params, a) -> dict:
     fwd = jax.jit(lambda p, x: forward(cfg, p, x), keep_unused=True)
     prefill_s = timed(lambda: fwd(params, one), a.repeats)
     branch = xla_graph.branches(fwd.lower(params, one).compile().as_text(),
-                                {"text": ("x.text",), "image": ("x.pixels",)})["flops"]
+                                {"text": ("x.text",), "image": ("x.pixels",)})
     vis = jax.jit(lambda p, px: encode_image(cfg.model, p, px))
     llm = jax.jit(lambda p, x, v: forward(cfg, p, x._replace(pixels=None), vision=v))
     serial_s = timed(lambda: llm(params, one, jax.block_until_ready(vis(params, one.pixels))), a.repeats)
@@ -154,7 +156,8 @@ def _predicted_macs(cfg, s, text_len: int, train: bool = False) -> float:
     if not train:
         return decoder + tower_and_projector
     projector = s.n_vision * (v.hidden_size * t.hidden_size + t.hidden_size ** 2)
-    return 3 * (decoder + projector) + tower_and_projector - projector
+    tower = tower_and_projector - projector
+    return 3 * (decoder + projector) + tower
 
 
 def torch_vs_ours(params, a) -> dict:
@@ -180,18 +183,13 @@ def torch_vs_ours(params, a) -> dict:
         with torch.no_grad():
             return hf(input_ids=ids_t, attention_mask=mask_t, pixel_values=px).logits
 
-    torch_fwd()
-    ts = []
-    for _ in range(a.repeats):
-        t0 = time.perf_counter()
-        ref = torch_fwd()
-        ts.append(time.perf_counter() - t0)
+    torch_s = timed(torch_fwd, a.repeats)
     fwd = jax.jit(lambda p, x: forward(cfg, p, x))
     ours_s = timed(lambda: fwd(params, one), a.repeats)
     ours = np.asarray(fwd(params, one))
-    diff = float(np.abs(ours[0] - ref.numpy()[0][cols[0]]).max())
-    return dict(torch_prefill_s=statistics.median(ts), ours_prefill_s=ours_s, torch_threads=threads,
-                ours_over_torch=ours_s / statistics.median(ts), max_abs_logit_diff=diff,
+    diff = float(np.abs(ours[0] - torch_fwd().numpy()[0][cols[0]]).max())
+    return dict(torch_prefill_s=torch_s, ours_prefill_s=ours_s, torch_threads=threads,
+                ours_over_torch=ours_s / torch_s, max_abs_logit_diff=diff,
                 kernels=kernels_vs_torch(cfg, a))
 
 
@@ -213,13 +211,7 @@ def kernels_vs_torch(cfg, a) -> dict:
 
     def torch_timed(fn):
         with torch.no_grad():
-            fn()
-            ts = []
-            for _ in range(20):
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
+            return timed(fn, 20)
 
     return dict(
         shape=f"matmul [{n},{t.hidden_size}]x[{t.hidden_size},{t.intermediate_size}]; "

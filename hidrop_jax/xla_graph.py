@@ -14,7 +14,6 @@ there the branch matters for latency hiding and multi-device placement, not for 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import defaultdict
@@ -69,12 +68,12 @@ def _instr_flops(name, rhs, shapes, flops_of) -> float:
     return total
 
 
-def branches(hlo_text: str, groups: dict[str, tuple[str, ...]]) -> dict:
-    """Matmul FLOPs and instruction counts of the entry computation by dependency class.
+def branches(hlo_text: str, groups: dict[str, tuple[str, ...]]) -> dict[str, float]:
+    """Matmul FLOPs of the entry computation by dependency class.
 
     groups: {label: op_name prefixes of entry parameters}, e.g. {"text": ("x.text",),
-    "image": ("x.pixels",)}. Returns {"flops": {class: FLOPs}, "ops": {class: count}} where a
-    class is the '+'-joined sorted labels an instruction depends on ("" = parameters only).
+    "image": ("x.pixels",)}. Returns {class: FLOPs}, a class being the '+'-joined sorted labels
+    an instruction depends on ("" = parameters only).
     """
     comps, entry, params = _parse(hlo_text)
     if entry is None:
@@ -83,8 +82,7 @@ def branches(hlo_text: str, groups: dict[str, tuple[str, ...]]) -> dict:
 
     def flops_of(c):
         if c not in memo and c in comps:
-            memo[c], shapes = 0.0, dict(params[c])
-            total = 0.0
+            shapes, total = dict(params[c]), 0.0
             for name, rhs in comps[c]:
                 shapes[name] = _dims(rhs)
                 total += _instr_flops(name, rhs, shapes, flops_of)
@@ -93,7 +91,7 @@ def branches(hlo_text: str, groups: dict[str, tuple[str, ...]]) -> dict:
 
     tags: dict[str, frozenset] = {}
     shapes = {}
-    out_flops, out_ops = defaultdict(float), defaultdict(int)
+    out = defaultdict(float)
     for name, rhs in comps[entry]:
         shapes[name] = _dims(rhs)
         if " parameter(" in rhs:
@@ -105,21 +103,5 @@ def branches(hlo_text: str, groups: dict[str, tuple[str, ...]]) -> dict:
             for a in re.findall(r"%([\w.\-]+)", rhs.split("(", 1)[1] if "(" in rhs else ""):
                 tag |= tags.get(a, frozenset())
         tags[name] = frozenset(tag)
-        key = "+".join(sorted(tag))
-        out_flops[key] += _instr_flops(name, rhs, shapes, flops_of)
-        out_ops[key] += 1
-    return {"flops": dict(out_flops), "ops": dict(out_ops)}
-
-
-def main(argv=None):  # pragma: no cover - a convenience for HLO files dumped elsewhere
-    import argparse
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("hlo_file")
-    ap.add_argument("--group", action="append", default=[], help="label=prefix[,prefix]")
-    a = ap.parse_args(argv)
-    groups = {g.split("=")[0]: tuple(g.split("=")[1].split(",")) for g in a.group}
-    print(json.dumps(branches(open(a.hlo_file).read(), groups), indent=1))
-
-
-if __name__ == "__main__":
-    main()
+        out["+".join(sorted(tag))] += _instr_flops(name, rhs, shapes, flops_of)
+    return dict(out)
