@@ -5,7 +5,10 @@ Sizes are set by the 20-minute budget of `make demo` on 2 CPU cores: with 14-px 
 vision tokens, LLaVA-1.5's count) a step of 16 samples takes ~3 s, so only ~300 steps fit; 28-px
 patches give 144 tokens (the smallest the demo allows) and ~0.7 s per Tok64 step, so ~1,200
 steps. `--config.model.vision.patch_size=14` restores 576 tokens. Everything is trained from
-scratch (no pretrained CLIP offline).
+scratch (no pretrained CLIP offline), and that is what keeps image accuracy at chance: nearly
+every image question names or asks for a shape's kind, and a CLIP ViT trained from scratch does
+not learn kinds within this budget at any width, depth or patch size tried
+(`benchmarks/vision_probe.py`).
 
     configs/tiny_shapes.py:schedule=tok64
 """
