@@ -108,8 +108,10 @@ def make_batch(seed: int, n: int, patch: int, min_cover: float):
     return np.stack(xs), np.stack(kinds), np.stack(cols)
 
 
-def run_tower(name: str, steps: int, batch: int, lr: float, eval_every: int, min_cover: float):
-    """Train one model on fresh scenes; its accuracy curve on held-out object tokens."""
+def run_tower(name: str, steps: int, batch: int, lr: float, eval_every: int, min_cover: float,
+              save_dir: str | None = None):
+    """Train one model on fresh scenes; its accuracy curve on held-out object tokens. With
+    `save_dir`, the trained tower's parameters go to <save_dir>/<name>.npz ('/'-joined keys)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -164,6 +166,11 @@ def run_tower(name: str, steps: int, batch: int, lr: float, eval_every: int, min
                           "kind_acc": float(ck / n), "color_acc": float(cc / n)})
             print(f"  {name} step {s + 1:5d}  loss {curve[-1]['loss']:.3f}  kind {ck / n:.3f}  "
                   f"colour {cc / n:.3f}  ({time.time() - t0:.0f} s)", flush=True)
+    if save_dir:
+        from flax.traverse_util import flatten_dict
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        flat = flatten_dict(jax.device_get(params["tower"]), sep="/")
+        np.savez(Path(save_dir) / f"{name}.npz", **{k: np.asarray(v) for k, v in flat.items()})
     return {"tower": name, "model": model, "patch": patch, "width": width, "layers": layers,
             "tokens": (shapes.IMAGE_SIZE // patch) ** 2, "kind_majority": float(majority),
             "seconds": round(time.time() - t0, 1), "curve": curve}
@@ -178,11 +185,12 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--min-cover", type=float, default=0.2, help="fraction of a patch an object must cover")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "vision_probe.json"))
+    ap.add_argument("--save-dir", default=None, help="write each trained tower's parameters here")
     a = ap.parse_args(argv)
     towers = a.towers.split(",")
     for t in towers:
         parse_tower(t)
-    results = [run_tower(t, a.steps, a.batch, a.lr, a.eval_every, a.min_cover) for t in towers]
+    results = [run_tower(t, a.steps, a.batch, a.lr, a.eval_every, a.min_cover, a.save_dir) for t in towers]
     print("\n| tower | tokens | images seen | kind acc | kind majority class | colour acc | s |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
