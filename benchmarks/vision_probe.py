@@ -1,7 +1,7 @@
 """How fast can a CLIP tower trained from scratch learn the `shapes_vqa` world? (what limits the demo)
 
-The tiny LLaVA of `make demo` answers colour and shape questions at chance: every question type
-but the text-only one needs the *kind* of a shape ("what color is the square ?", "what shape is
+The tiny LLaVA of `make demo` answers colour and shape questions at chance: nearly every image
+question names or asks for the *kind* of a shape ("what color is the square ?", "what shape is
 the red object ?"). This benchmark isolates the vision tower, with the most favourable
 supervision there is: the tower alone, a per-token linear head that predicts for every patch
 token the kind and the colour of the object covering it (or background), losses balanced between
