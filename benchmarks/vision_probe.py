@@ -76,10 +76,8 @@ def patch_labels(scene, patch: int, size: int, min_cover: float):
     from hidrop_jax.data import shapes
     owner = np.full((size, size), BACKGROUND, np.int32)
     for i, s in enumerate(scene):
-        y0, y1 = max(s.y - s.radius, 0), min(s.y + s.radius + 1, size)
-        x0, x1 = max(s.x - s.radius, 0), min(s.x + s.radius + 1, size)
-        dy, dx = np.mgrid[y0 - s.y:y1 - s.y, x0 - s.x:x1 - s.x]
-        owner[y0:y1, x0:x1][shapes.shape_mask(s.kind, dx, dy, s.radius)] = i
+        box, _, _, mask = shapes.footprint(s, size)
+        owner[box][mask] = i
     g = size // patch
     cells = owner.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, -1)
     out = np.full(g * g, BACKGROUND, np.int32)

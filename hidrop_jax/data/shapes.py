@@ -101,18 +101,24 @@ def shape_mask(kind: str, dx: np.ndarray, dy: np.ndarray, r: int) -> np.ndarray:
     raise ValueError(f"unknown shape kind {kind!r}; known: {KINDS}")
 
 
+def footprint(s: Shape, size: int = IMAGE_SIZE):
+    """(box, dx, dy, mask): the shape's bounding box in the image as a (rows, cols) slice pair,
+    clipped to the image, the pixel offsets from its centre over that box, and its mask there."""
+    y0, y1 = max(s.y - s.radius, 0), min(s.y + s.radius + 1, size)
+    x0, x1 = max(s.x - s.radius, 0), min(s.x + s.radius + 1, size)
+    dy, dx = np.mgrid[y0 - s.y:y1 - s.y, x0 - s.x:x1 - s.x]
+    return (slice(y0, y1), slice(x0, x1)), dx, dy, shape_mask(s.kind, dx, dy, s.radius)
+
+
 def draw_scene(shapes: list[Shape], rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
     """uint8 [size, size, 3]. Shapes are flat colours with a ±6 shading so they are not flat
     either; each is drawn only inside its own bounding box (vectorised numpy)."""
     img = _background(rng, size)
     for s in shapes:
-        y0, y1 = max(s.y - s.radius, 0), min(s.y + s.radius + 1, size)
-        x0, x1 = max(s.x - s.radius, 0), min(s.x + s.radius + 1, size)
-        dy, dx = np.mgrid[y0 - s.y:y1 - s.y, x0 - s.x:x1 - s.x]
-        m = shape_mask(s.kind, dx, dy, s.radius)
+        box, dx, dy, m = footprint(s, size)
         shade = np.rint(6.0 * (dx + dy) / (2 * s.radius)).astype(np.int16)  # diagonal gradient
         col = np.asarray(COLORS[s.color], np.int16) + shade[..., None]
-        img[y0:y1, x0:x1] = np.where(m[..., None], col, img[y0:y1, x0:x1])
+        img[box] = np.where(m[..., None], col, img[box])
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
