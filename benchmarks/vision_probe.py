@@ -31,8 +31,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-BACKGROUND = -1
-
 
 def parse_tower(name: str):
     """'p28w64l3' -> ('clip', 28, 64, 3); 'mlp256' -> ('mlp', 28, 256, 2)."""
@@ -71,106 +69,49 @@ def init_features(model: str, patch: int, width: int, layers: int, rng):
     return params, mlp
 
 
-def patch_labels(scene, patch: int, size: int, min_cover: float):
-    """Per patch (row-major): index of the object covering ≥ min_cover of it, else BACKGROUND."""
-    from hidrop_jax.data import shapes
-    owner = np.full((size, size), BACKGROUND, np.int32)
-    for i, s in enumerate(scene):
-        box, _, _, mask = shapes.footprint(s, size)
-        owner[box][mask] = i
-    g = size // patch
-    cells = owner.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, -1)
-    out = np.full(g * g, BACKGROUND, np.int32)
-    for i in range(len(scene)):
-        out[(cells == i).mean(1) >= min_cover] = i
-    return out
-
-
-def make_batch(seed: int, n: int, patch: int, min_cover: float):
-    """pixels [n, H, W, 3], kind and colour labels [n, patches] (background = last class)."""
+def make_batch(seed: int, n: int, patch: int, min_cover: float) -> dict:
+    """Freshly drawn scenes (never a repeat): pixels [n, H, W, 3], kind and colour per patch."""
     from PIL import Image
 
     from hidrop_jax.data import shapes
     from hidrop_jax.data.image import preprocess
+    from hidrop_jax.pretrain_tower import dense_labels
     rng = np.random.default_rng(seed)
-    size, colors = shapes.IMAGE_SIZE, list(shapes.COLORS)
     xs, kinds, cols = [], [], []
     for _ in range(n):
         scene = shapes.sample_scene(rng)
-        xs.append(preprocess(Image.fromarray(shapes.draw_scene(scene, rng)), size))
-        owner = patch_labels(scene, patch, size, min_cover)
-        kind_of = np.asarray([shapes.KINDS.index(s.kind) for s in scene] + [len(shapes.KINDS)])
-        col_of = np.asarray([colors.index(s.color) for s in scene] + [len(colors)])
-        kinds.append(kind_of[owner])  # owner = -1 picks the trailing background class
-        cols.append(col_of[owner])
-    return np.stack(xs), np.stack(kinds), np.stack(cols)
+        xs.append(preprocess(Image.fromarray(shapes.draw_scene(scene, rng)), shapes.IMAGE_SIZE))
+        kind, color = dense_labels(scene, patch, shapes.IMAGE_SIZE, min_cover)
+        kinds.append(kind)
+        cols.append(color)
+    return {"pixels": np.stack(xs), "kind": np.stack(kinds), "color": np.stack(cols)}
 
 
 def run_tower(name: str, steps: int, batch: int, lr: float, eval_every: int, min_cover: float,
               save_dir: str | None = None):
-    """Train one model on fresh scenes; its accuracy curve on held-out object tokens. With
+    """Train one model on fresh scenes (`pretrain_tower.train_dense`, the objective of
+    `python -m hidrop_jax.pretrain_tower`); its accuracy curve on held-out object tokens. With
     `save_dir`, the trained tower's parameters go to <save_dir>/<name>.npz ('/'-joined keys)."""
     import jax
-    import jax.numpy as jnp
-    import optax
 
     from hidrop_jax.data import shapes
+    from hidrop_jax.pretrain_tower import majority_kind, train_dense
 
     model, patch, width, layers = parse_tower(name)
-    n_kind, n_col = len(shapes.KINDS), len(shapes.COLORS)
     k0, k1, k2 = jax.random.split(jax.random.PRNGKey(0), 3)
     tower, features = init_features(model, patch, width, layers, k0)
-    params = {"tower": tower,
-              "kind": 0.02 * jax.random.normal(k1, (width, n_kind + 1)),
-              "color": 0.02 * jax.random.normal(k2, (width, n_col + 1))}
-
-    def heads(p, x):
-        h = jax.nn.standardize(features(p["tower"], x), axis=-1)
-        return h @ p["kind"], h @ p["color"]
-
-    def loss_fn(p, x, kind, col):
-        lk, lc = heads(p, x)
-        xent = (optax.softmax_cross_entropy_with_integer_labels(lk, kind)
-                + optax.softmax_cross_entropy_with_integer_labels(lc, col))
-        obj = (kind < n_kind).astype(jnp.float32)
-        return (xent * obj).sum() / obj.sum() + (xent * (1 - obj)).sum() / (1 - obj).sum()
-
-    lr_schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(30, steps // 10), steps, 0.05 * lr)
-    tx = optax.adamw(lr_schedule, weight_decay=0.01)
-    opt = tx.init(params)
-
-    @jax.jit
-    def step(p, o, x, kind, col):
-        loss, g = jax.value_and_grad(loss_fn)(p, x, kind, col)
-        u, o = tx.update(g, o, p)
-        return optax.apply_updates(p, u), o, loss
-
-    @jax.jit
-    def correct(p, x, kind, col):
-        lk, lc = heads(p, x)
-        obj = kind < n_kind
-        return ((lk.argmax(-1) == kind) & obj).sum(), ((lc.argmax(-1) == col) & obj).sum(), obj.sum()
-
     held_out = [make_batch(10**6 + i, 32, patch, min_cover) for i in range(2)]
-    kinds = np.concatenate([b[1].ravel() for b in held_out])
-    majority = np.bincount(kinds[kinds < n_kind], minlength=n_kind).max() / (kinds < n_kind).sum()
-    curve, losses, t0 = [], [], time.time()
-    for s in range(steps):
-        params, opt, loss = step(params, opt, *make_batch(s, batch, patch, min_cover))
-        losses.append(float(loss))
-        if (s + 1) % eval_every == 0 or s + 1 == steps:
-            ck, cc, n = np.sum([np.asarray(correct(params, *b)) for b in held_out], 0)
-            curve.append({"step": s + 1, "images": (s + 1) * batch, "loss": float(np.mean(losses[-eval_every:])),
-                          "kind_acc": float(ck / n), "color_acc": float(cc / n)})
-            print(f"  {name} step {s + 1:5d}  loss {curve[-1]['loss']:.3f}  kind {ck / n:.3f}  "
-                  f"colour {cc / n:.3f}  ({time.time() - t0:.0f} s)", flush=True)
+    t0 = time.time()
+    tower, curve = train_dense(features, tower, width, (make_batch(s, batch, patch, min_cover) for s in range(steps)),
+                               steps, lr=lr, held_out=held_out, eval_every=eval_every, name=name,
+                               head_keys=(k1, k2))
     if save_dir:
         from flax.traverse_util import flatten_dict
         Path(save_dir).mkdir(parents=True, exist_ok=True)
-        flat = flatten_dict(jax.device_get(params["tower"]), sep="/")
+        flat = flatten_dict(tower, sep="/")
         np.savez(Path(save_dir) / f"{name}.npz", **{k: np.asarray(v) for k, v in flat.items()})
     return {"tower": name, "model": model, "patch": patch, "width": width, "layers": layers,
-            "tokens": (shapes.IMAGE_SIZE // patch) ** 2, "kind_majority": float(majority),
+            "tokens": (shapes.IMAGE_SIZE // patch) ** 2, "kind_majority": majority_kind(held_out),
             "seconds": round(time.time() - t0, 1), "curve": curve}
 
 

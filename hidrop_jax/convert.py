@@ -15,6 +15,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 import jax
 import ml_collections
@@ -65,6 +66,8 @@ _ALIASES = [
     (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
     (r"^lm_head\.", "language_model.lm_head."),
     (r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),
+    (r"^vision_model\.", "vision_tower.vision_model."),  # CLIPModel; CLIPVisionModel (hub)
+    (r"^(embeddings|encoder|pre_layrnorm|post_layernorm)\.", r"vision_tower.vision_model.\1."),  # 5.x
 ]
 
 
@@ -104,6 +107,26 @@ def _unsupported(field, value, allowed):
     raise ValueError(f"HF config field `{field}` = {value!r} is not supported; allowed: {allowed}")
 
 
+def vision_from_hf(v: dict) -> dict:
+    """`model.vision` fields from a `CLIPVisionConfig` dict (HF's defaults where absent)."""
+    return dict(
+        image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 32),
+        num_channels=v.get("num_channels", 3), hidden_size=v.get("hidden_size", 768),
+        intermediate_size=v.get("intermediate_size", 3072),
+        num_layers=v.get("num_hidden_layers", 12), num_heads=v.get("num_attention_heads", 12),
+        layer_norm_eps=v.get("layer_norm_eps", 1e-5), hidden_act=v.get("hidden_act", "quick_gelu"))
+
+
+def vision_to_hf(v) -> dict:
+    """A `CLIPVisionConfig` dict for `model.vision` (the inverse of `vision_from_hf`)."""
+    return {
+        "model_type": "clip_vision_model", "image_size": v.image_size, "patch_size": v.patch_size,
+        "num_channels": v.num_channels, "hidden_size": v.hidden_size,
+        "intermediate_size": v.intermediate_size, "num_hidden_layers": v.num_layers,
+        "num_attention_heads": v.num_heads, "layer_norm_eps": v.layer_norm_eps,
+        "hidden_act": v.hidden_act, "projection_dim": v.hidden_size}
+
+
 def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
     """Our config (`cfg.model`, `cfg.hidrop` = vanilla) from a LLaVA `config.json` dict."""
     if hf.get("model_type") != "llava":
@@ -125,12 +148,7 @@ def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
         _unsupported("vision_feature_layer", fl, "a single int (one CLIP layer)")
     heads = t.get("num_attention_heads", 32)
     model = model_config(
-        vision=dict(
-            image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 32),
-            num_channels=v.get("num_channels", 3), hidden_size=v.get("hidden_size", 768),
-            intermediate_size=v.get("intermediate_size", 3072),
-            num_layers=v.get("num_hidden_layers", 12), num_heads=v.get("num_attention_heads", 12),
-            layer_norm_eps=v.get("layer_norm_eps", 1e-5), hidden_act=v.get("hidden_act", "quick_gelu")),
+        vision=vision_from_hf(v),
         text=dict(
             vocab_size=t.get("vocab_size", 32000), hidden_size=t.get("hidden_size", 4096),
             intermediate_size=t.get("intermediate_size", 11008),
@@ -164,12 +182,7 @@ def config_to_hf(cfg) -> dict:
         "projector_hidden_act": m.projector.hidden_act, "multimodal_projector_bias": m.projector.bias,
         "vision_feature_layer": m.feature_layer, "vision_feature_select_strategy": m.select_strategy,
         "tie_word_embeddings": t.tie_word_embeddings,
-        "vision_config": {
-            "model_type": "clip_vision_model", "image_size": v.image_size, "patch_size": v.patch_size,
-            "num_channels": v.num_channels, "hidden_size": v.hidden_size,
-            "intermediate_size": v.intermediate_size, "num_hidden_layers": v.num_layers,
-            "num_attention_heads": v.num_heads, "layer_norm_eps": v.layer_norm_eps,
-            "hidden_act": v.hidden_act, "projection_dim": v.hidden_size},
+        "vision_config": vision_to_hf(v),
         "text_config": {
             "model_type": "llama", "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
             "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_layers,
@@ -213,16 +226,21 @@ def _set(tree: dict, path: str, value):
     tree[leaf] = value
 
 
-def params_from_tensors(cfg, tensors) -> dict:
-    """Maps (name, array) pairs to our parameter tree; every problem is named in one error."""
+def params_from_tensors(cfg, tensors, *, group: str | None = None,
+                        ignore: Callable[[str], bool] = lambda name: False) -> dict:
+    """Maps (name, array) pairs to our parameter tree; every problem is named in one error.
+    With `group` ('vision', ...) only that part of the model is expected; names for which
+    `ignore` (of the canonical name) is true are skipped."""
     from hidrop_jax.model import abstract_params
-    want = expected_tensors(cfg)
+    want = {n: w for n, w in expected_tensors(cfg).items() if group is None or w[0].startswith(group + "/")}
     shapes = {"/".join(str(k.key) for k in path): leaf.shape
               for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]}
     seen, errors, stacks, params = set(), [], {}, {}
     for raw, arr in tensors:
         name = canonical_name(raw)
         if name not in want:
+            if ignore(name):
+                continue
             errors.append(f"unexpected tensor {raw!r} {tuple(arr.shape)}")
             continue
         path, layer, kind = want[name]
@@ -254,6 +272,52 @@ def load_hf(hf_dir) -> tuple[ml_collections.ConfigDict, dict]:
     cfg = config_from_hf(json.loads(cfg_file.read_text()))
     params = params_from_tensors(cfg, _read_tensors(_safetensor_files(hf_dir)))
     return cfg, jax.tree.map(np.asarray, params)
+
+
+# ----------------------------------------------------------------------------- a CLIP vision tower
+
+def load_hf_vision(cfg, hf_dir) -> dict:
+    """`params["vision"]` from a HF `CLIPVisionModel` or `CLIPModel` directory (what LLaVA's
+    `--vision_tower` names). Its vision config must equal `cfg.model.vision`; the text half of
+    a CLIPModel and `position_ids` buffers are not parameters here and are skipped."""
+    hf_dir = Path(hf_dir)
+    cfg_file = hf_dir / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{cfg_file} does not exist (expected a Hugging Face CLIP directory)")
+    hf = json.loads(cfg_file.read_text())
+    kind = hf.get("model_type")
+    if kind not in ("clip_vision_model", "clip"):
+        raise ValueError(f"{cfg_file}: model_type = {kind!r}; allowed: 'clip_vision_model', 'clip'")
+    have = vision_from_hf(hf if kind == "clip_vision_model" else hf.get("vision_config", {}))
+    diff = [f"{k} = {v!r} (config: {cfg.model.vision[k]!r})" for k, v in have.items()
+            if v != cfg.model.vision[k]]
+    if diff:
+        raise ValueError(f"{hf_dir} is not this model's vision tower: its " + ", ".join(diff))
+    skip = lambda n: not n.startswith(_V) or n.endswith(".position_ids")  # noqa: E731
+    params = params_from_tensors(cfg, _read_tensors(_safetensor_files(hf_dir)), group="vision", ignore=skip)
+    return jax.tree.map(np.asarray, params["vision"])
+
+
+def save_hf_vision(out_dir, cfg, vision_params, *, metadata: dict | None = None) -> None:
+    """`params["vision"]` as a HF `CLIPVisionModel` directory (written aside, then renamed)."""
+    import shutil
+    import uuid
+
+    from safetensors.numpy import save_file
+
+    from hidrop_jax.export import _flat, _hf_tensor
+    out = Path(out_dir).absolute()
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    flat = _flat({"vision": vision_params})
+    tensors = {name[len("vision_tower."):]: _hf_tensor(flat, path, layer, kind)
+               for name, (path, layer, kind) in expected_tensors(cfg).items() if path.startswith("vision/")}
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", **(metadata or {})})
+    hf = {"architectures": ["CLIPVisionModel"], **vision_to_hf(cfg.model.vision), "torch_dtype": "float32"}
+    (tmp / "config.json").write_text(json.dumps(hf, indent=1) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
 
 
 # ----------------------------------------------------------------------------- our checkpoints

@@ -1,11 +1,12 @@
 """`make demo`: the CPU demo, end to end.
 
 1. build the bundled `shapes_vqa` dataset (TFDS, ArrayRecord, generated offline from a seed);
-2. train the tiny LLaVA (`configs/tiny_shapes.py`, 144 vision tokens) with HiDrop from scratch;
+2. train the tiny LLaVA (`configs/tiny_shapes.py`, 144 vision tokens) with HiDrop: LLaVA's stage
+   2, from the CLIP tower pretrained on the dataset (`assets/tiny_shapes_clip`, kept frozen);
 3. evaluate on the validation split under HiDrop and under `vanilla` (all tokens everywhere);
 4. export to Hugging Face format and evaluate the export with PyTorch (vanilla: HF has no pruning).
 
-    python -m hidrop_jax.demo [--workdir runs/demo] [--steps 1200] [--schedule tok64]
+    python -m hidrop_jax.demo [--workdir runs/demo] [--steps 1200] [--schedule tok64] [--from-scratch]
 
 Rerunning resumes: the dataset, the checkpoints and the export are reused when present.
 """
@@ -28,6 +29,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="training steps (config default 1200)")
     ap.add_argument("--schedule", default="tok64", help="HiDrop preset to train with")
     ap.add_argument("--data", default="shapes_vqa", help="dataset spec (small: shapes_vqa/small)")
+    ap.add_argument("--from-scratch", action="store_true",
+                    help="no pretrained tower: train vision tower, projector and LLM together")
     ap.add_argument("--eval-batches", type=int, default=0, help="0 = the whole validation split")
     a = ap.parse_args(argv)
     absl.logging.set_verbosity(absl.logging.WARNING)
@@ -39,14 +42,16 @@ def main(argv=None):
     from hidrop_jax import sharding as shard_lib
     from hidrop_jax import train as train_lib
     from hidrop_jax.export import save_hf
-    from hidrop_jax.hidrop.schedule import hidrop_config
+    from hidrop_jax.hidrop.schedule import hidrop_config, preset, vision_flops
 
     work = Path(a.workdir).absolute()
     cfg = tiny.get_config(f"schedule={a.schedule}")
     cfg.data.name = a.data
     if a.steps:
         cfg.train.steps = a.steps
-    report = {"workdir": str(work), "schedule": cfg.hidrop.to_dict()}
+    if a.from_scratch:
+        cfg.train.update(init_vision="", trainable="all")
+    report = {"workdir": str(work), "schedule": cfg.hidrop.to_dict(), "train_config": cfg.train.to_dict()}
     t0 = time.time()
     print(f"[1/4] dataset {cfg.data.name} -> {work / 'data'} (built once, ~2 min for 22k examples)")
     tok, spec, _, eval_src = train_lib.data_setup(cfg, work)
@@ -65,12 +70,16 @@ def main(argv=None):
     nb = a.eval_batches or None
     results = {}
     n_vis = spec.n_vision
-    for name in (a.schedule, "vanilla"):
+    for name in dict.fromkeys((a.schedule, "vanilla")):  # once each, also when training vanilla
         c = cfg.copy_and_resolve_references()
         c.hidrop = hidrop_config(name, c.model.text.num_layers, n_vis)
         results[name] = eval_lib.evaluate_params(c, params, eval_src, tok, spec, mesh, max_batches=nb)
     report["step"] = int(step)
     report["eval"] = results
+    t = cfg.model.text
+    flops = {n: vision_flops(preset(n, t.num_layers, n_vis), t.hidden_size, t.intermediate_size)
+             for n in (a.schedule, "vanilla")}
+    report["vision_flops_ratio"] = flops[a.schedule] / flops["vanilla"]
 
     print("[4/4] exporting to Hugging Face format and evaluating it with PyTorch")
     hf_dir = work / "hf"
@@ -82,14 +91,16 @@ def main(argv=None):
     print(f"\nValidation accuracy after {step} steps (teacher-forced answers, {results['vanilla']['rounds']} rounds):")
     types = sorted(results["vanilla"]["per_type"])
     print(f"{'':24s} {'overall':>8s} " + " ".join(f"{t:>9s}" for t in types) + "  vision tok/layer")
-    rows = [(f"JAX {a.schedule}", results[a.schedule]), ("JAX vanilla", results["vanilla"]),
-            ("PyTorch export, vanilla", report["torch_vanilla"])]
+    rows = [(f"JAX {n}", results[n]) for n in results] + [("PyTorch export, vanilla", report["torch_vanilla"])]
     for label, r in rows:
         mean = r.get("mean_vision_tokens", results["vanilla"]["mean_vision_tokens"])
         print(f"{label:24s} {r['accuracy']:8.3f} "
               + " ".join(f"{r['per_type'].get(t, {}).get('accuracy', float('nan')):9.3f}" for t in types)
               + f"  {mean:6.1f}")
-    print(f"\ntrain {report['train_seconds']:.0f} s, total {report['total_seconds']:.0f} s; "
+    print(f"\nvision-token FLOPs in the decoder (paper formula, Σ_l F(n_l)): {a.schedule} = "
+          f"{100 * report['vision_flops_ratio']:.1f}% of vanilla")
+    print(f"train {report['train_seconds']:.0f} s ({last.get('text_tokens_per_s', 0):.0f} text tokens/s "
+          f"at the end), total {report['total_seconds']:.0f} s; "
           f"report: {work / 'demo_report.json'}; HF export: {hf_dir}")
     return report
 

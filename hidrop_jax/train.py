@@ -33,12 +33,18 @@ log = logging.getLogger("hidrop_jax.train")
 
 # ----------------------------------------------------------------------------- optimisation
 
-def trainable_labels(trainable: str, params):
-    """'train' / 'frozen' per parameter. LLaVA freezes the vision tower in both stages."""
+def trainable_parts(trainable: str) -> set:
+    """The top-level parameter groups that `train.trainable` trains. LLaVA freezes the vision
+    tower in both stages."""
     if trainable not in TRAINABLE:
         raise ValueError(f"train.trainable = {trainable!r}; allowed: {TRAINABLE}")
-    on = {"projector": {"projector"}, "projector+llm": {"projector", "text"},
-          "all": {"projector", "text", "vision"}}[trainable]
+    return {"projector": {"projector"}, "projector+llm": {"projector", "text"},
+            "all": {"projector", "text", "vision"}}[trainable]
+
+
+def trainable_labels(trainable: str, params):
+    """'train' / 'frozen' per parameter (for `optax.multi_transform`)."""
+    on = trainable_parts(trainable)
     return {k: jax.tree.map(lambda _: "train" if k in on else "frozen", v) for k, v in params.items()}
 
 
@@ -67,7 +73,7 @@ def make_train_step(cfg, tx):
     """(state, inputs, targets) -> (state, metrics). The batch carries `grad_accum` micro-batches
     along its leading axis; their gradients are summed in a scan and normalised by the answer
     tokens of the whole batch, so accumulation equals one large batch."""
-    accum = cfg.train.grad_accum
+    accum, on = cfg.train.grad_accum, trainable_parts(cfg.train.trainable)
 
     def micro(params, inputs, targets):
         logits = forward(cfg, params, inputs)
@@ -76,18 +82,22 @@ def make_train_step(cfg, tx):
     def step(state, inputs, targets):
         split = lambda x: None if x is None else x.reshape((accum, x.shape[0] // accum) + x.shape[1:])
         ins, tgs = jax.tree.map(split, inputs), jax.tree.map(split, targets)
+        # Differentiate the trained groups only: a frozen tower's backward pass is never built.
+        train_p = {k: v for k, v in state["params"].items() if k in on}
+        frozen_p = {k: v for k, v in state["params"].items() if k not in on}
 
         def body(carry, mb):
             g_sum, nll_sum, n_sum, hit_sum = carry
             (nll, (n, hits)), g = jax.value_and_grad(
-                lambda p: (lambda o: (o[0], o[1:]))(micro(p, *mb)), has_aux=True)(state["params"])
+                lambda p: (lambda o: (o[0], o[1:]))(micro({**frozen_p, **p}, *mb)), has_aux=True)(train_p)
             return (jax.tree.map(jnp.add, g_sum, g), nll_sum + nll, n_sum + n, hit_sum + hits), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state["params"])
+        zeros = jax.tree.map(jnp.zeros_like, train_p)
         (g, nll, n, hits), _ = jax.lax.scan(body, (zeros, 0.0, 0, 0), (ins, tgs))
         denom = jnp.maximum(n, 1).astype(jnp.float32)
         g = jax.tree.map(lambda x: x / denom, g)
-        updates, opt_state = tx.update(g, state["opt_state"], state["params"])
+        full_g = {k: g[k] if k in on else jax.tree.map(jnp.zeros_like, v) for k, v in state["params"].items()}
+        updates, opt_state = tx.update(full_g, state["opt_state"], state["params"])
         new = dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state,
                    step=state["step"] + 1)
         metrics = dict(loss=nll / denom, tokens=n, token_acc=hits / denom, grad_norm=optax.global_norm(g),
@@ -130,6 +140,16 @@ def load_pretrained(cfg, state, path: str):
                          f"model.{', model.'.join(diff)}")
     shardings = jax.tree.map(lambda x: x.sharding, state["params"])
     state["params"] = jax.tree.map(lambda a, s: jax.device_put(a, s), params, shardings)
+    return state
+
+
+def load_vision(cfg, state, path: str):
+    """The vision tower from a HF CLIP directory (`train.init_vision`), as LLaVA starts from
+    a pretrained CLIP; everything else keeps its initialisation (or `train.init_from`)."""
+    from hidrop_jax.convert import load_hf_vision
+    tower = load_hf_vision(cfg, path)
+    shardings = jax.tree.map(lambda x: x.sharding, state["params"]["vision"])
+    state["params"] = dict(state["params"], vision=jax.tree.map(jax.device_put, tower, shardings))
     return state
 
 
@@ -230,8 +250,11 @@ def train(cfg, workdir) -> dict:
     if mgr.latest_step() is not None:
         state, start = restore(mgr, state, data_iter)
         log.info("resumed from step %d in %s", start, workdir)
-    elif cfg.train.get("init_from"):
-        state = load_pretrained(cfg, state, cfg.train.init_from)
+    else:
+        if cfg.train.get("init_from"):
+            state = load_pretrained(cfg, state, cfg.train.init_from)
+        if cfg.train.get("init_vision"):
+            state = load_vision(cfg, state, cfg.train.init_vision)
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     step_fn = jax.jit(make_train_step(cfg, tx), in_shardings=(state_sh, None, None),
                       out_shardings=(state_sh, None), donate_argnums=(0,))

@@ -85,6 +85,29 @@ def test_frozen_parts_do_not_move(data_dir, tmp_path):
     assert not np.array_equal(before["projector"]["linear_1"]["kernel"], after["projector"]["linear_1"]["kernel"])
 
 
+def test_init_vision_starts_from_a_clip_tower_and_keeps_it_frozen(data_dir, tmp_path):
+    """Stage 2 from a pretrained CLIP (`train.init_vision`): the run's tower is the file's,
+    unchanged after training, while the LLM moved; a tower of another size is refused."""
+    from flax.core import meta
+    from hidrop_jax.convert import save_hf_vision
+    from hidrop_jax.layers.clip import init_vision
+    from hidrop_jax.model import vision_dims
+    cfg = _cfg(data_dir, trainable="projector+llm", steps=3, ckpt_every=3)
+    tower = jax.device_get(meta.unbox(init_vision(vision_dims(cfg.model), jax.random.PRNGKey(7))))
+    save_hf_vision(tmp_path / "clip", cfg, tower)
+    init = jax.device_get(train_lib.init_state(cfg, shard_lib.make_mesh((1, 1, 1)), _setup(cfg, tmp_path)[2])["params"])
+    cfg.train.init_vision = str(tmp_path / "clip")
+    train_lib.train(cfg, tmp_path / "run")
+    _, params, _ = load_run(tmp_path / "run")
+    jax.tree.map(np.testing.assert_array_equal, params["vision"], tower)
+    assert not np.allclose(params["text"]["embed_tokens"]["embedding"], init["text"]["embed_tokens"]["embedding"])
+    wide = _cfg(data_dir, steps=1)
+    wide.model.vision.intermediate_size = 96
+    wide.train.init_vision = str(tmp_path / "clip")
+    with pytest.raises(ValueError, match=r"intermediate_size = 64 \(config: 96\)"):
+        train_lib.train(wide, tmp_path / "wide")
+
+
 def _train_cmd(workdir, data_dir, steps):
     return [sys.executable, "-m", "hidrop_jax.train", f"--config={ROOT}/tests/tiny_config.py",
             f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
