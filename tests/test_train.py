@@ -85,6 +85,33 @@ def test_frozen_parts_do_not_move(data_dir, tmp_path):
     assert not np.array_equal(before["projector"]["linear_1"]["kernel"], after["projector"]["linear_1"]["kernel"])
 
 
+def test_frozen_groups_are_not_differentiated_and_updates_are_unchanged(data_dir, tmp_path):
+    """The step differentiates only the trained groups; the reference differentiates every
+    parameter and lets the optimizer zero the frozen ones (what LLaVA trainers do)."""
+    import optax
+    from hidrop_jax.model import forward
+    cfg = _cfg(data_dir, trainable="projector+llm", warmup_steps=1)
+    batch, mesh, tx = _setup(cfg, tmp_path)
+    state = train_lib.init_state(cfg, mesh, tx)
+    inputs, targets = train_lib.device_batch(batch, mesh)
+
+    def reference(state):
+        def loss(p):
+            nll, n, _ = train_lib.token_nll(forward(cfg, p, inputs), targets)
+            return nll / n
+        g = jax.grad(loss)(state["params"])
+        updates, _ = tx.update(g, state["opt_state"], state["params"])
+        return optax.apply_updates(state["params"], updates)
+
+    want = jax.device_get(jax.jit(reference)(state))
+    got, m = jax.jit(train_lib.make_train_step(cfg, tx))(state, inputs, targets)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), jax.device_get(got["params"]), want)
+    hlo = jax.jit(train_lib.make_train_step(cfg, tx)).lower(state, inputs, targets).as_text()
+    n_conv = lambda text: text.count("stablehlo.convolution")  # noqa: E731
+    # the patch embedding is the only convolution: forward only, no transposed (backward) ones
+    assert n_conv(hlo) == 1, n_conv(hlo)
+
+
 def test_init_vision_starts_from_a_clip_tower_and_keeps_it_frozen(data_dir, tmp_path):
     """Stage 2 from a pretrained CLIP (`train.init_vision`): the run's tower is the file's,
     unchanged after training, while the LLM moved; a tower of another size is refused."""
