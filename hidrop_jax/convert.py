@@ -307,17 +307,22 @@ def save_hf_vision(out_dir, cfg, vision_params, *, metadata: dict | None = None)
 
     from hidrop_jax.export import _flat, _hf_tensor
     out = Path(out_dir).absolute()
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp, old = (out.with_name(f".{out.name}.{tag}-{uuid.uuid4().hex[:8]}") for tag in ("tmp", "old"))
     tmp.mkdir(parents=True)
-    flat = _flat({"vision": vision_params})
-    tensors = {name[len("vision_tower."):]: _hf_tensor(flat, path, layer, kind)
-               for name, (path, layer, kind) in expected_tensors(cfg).items() if path.startswith("vision/")}
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", **(metadata or {})})
-    hf = {"architectures": ["CLIPVisionModel"], **vision_to_hf(cfg.model.vision), "torch_dtype": "float32"}
-    (tmp / "config.json").write_text(json.dumps(hf, indent=1) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
+    try:
+        flat = _flat({"vision": vision_params})
+        tensors = {name[len("vision_tower."):]: _hf_tensor(flat, path, layer, kind)
+                   for name, (path, layer, kind) in expected_tensors(cfg).items() if path.startswith("vision/")}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", **(metadata or {})})
+        hf = {"architectures": ["CLIPVisionModel"], **vision_to_hf(cfg.model.vision), "torch_dtype": "float32"}
+        (tmp / "config.json").write_text(json.dumps(hf, indent=1) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():  # the previous tower is only deleted once the new one is in place
+        os.replace(out, old)
     os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- our checkpoints

@@ -73,6 +73,10 @@ def test_saved_tower_loads_in_transformers_and_back(tmp_path):
     np.testing.assert_allclose(_ours(cfg, tower, pixels), _penultimate_hf(hf, pixels), atol=2e-5, rtol=0)
     back = load_hf_vision(cfg, tmp_path / "clip")
     jax.tree.map(np.testing.assert_array_equal, back, tower)
+    other = jax.tree.map(lambda x: x + 1, tower)  # overwriting replaces the directory whole
+    save_hf_vision(tmp_path / "clip", cfg, other)
+    jax.tree.map(np.testing.assert_array_equal, load_hf_vision(cfg, tmp_path / "clip"), other)
+    assert [p.name for p in tmp_path.iterdir()] == ["clip"]  # no temporary or old copy left
 
 
 def test_mismatched_tower_names_what_differs(tmp_path):
