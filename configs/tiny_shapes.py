@@ -3,8 +3,8 @@ image block in the middle of the prompt, late injection, pyramid cuts, exit) at 
 
 Sizes are set by the 20-minute budget of `make demo` on 2 CPU cores: with 14-px patches (576
 vision tokens, LLaVA-1.5's count) a step of 16 samples takes ~3 s, so only ~300 steps fit; 28-px
-patches give 144 tokens (the smallest the demo allows) and ~0.6 s per Tok64 step, so ~1,200
-steps. `--config.model.vision.patch_size=14` restores 576 tokens (and needs its own tower).
+patches give 144 tokens (the smallest the demo allows) and ~0.42 s per Tok64 step with the
+tower frozen, so ~2,000 steps. `--config.model.vision.patch_size=14` restores 576 tokens (and needs its own tower).
 
 Training is LLaVA's stage 2: the projector and the LLM learn, the vision tower starts from a
 pretrained CLIP and stays frozen. Offline there is no CLIP for these images, so the tower is
@@ -30,8 +30,8 @@ def get_config(arg: str = ""):
         image_token_id=3)
     cfg = make_config(model, arg)
     cfg.train.update(init_vision=str(Path(__file__).resolve().parents[1] / "assets" / "tiny_shapes_clip"),
-                     trainable="projector+llm", steps=1200, batch_size=16, lr=2e-3, warmup_steps=50,
-                     end_lr_ratio=0.05, weight_decay=0.01, log_every=10, eval_every=400,
+                     trainable="projector+llm", steps=2000, batch_size=16, lr=2e-3, warmup_steps=50,
+                     end_lr_ratio=0.05, weight_decay=0.01, log_every=10, eval_every=500,
                      eval_batches=8, ckpt_every=200)
     cfg.data.update(name="shapes_vqa", max_len=80)  # the longest conversation is 78 tokens
     return cfg
