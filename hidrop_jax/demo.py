@@ -42,7 +42,7 @@ def main(argv=None):
     from hidrop_jax import sharding as shard_lib
     from hidrop_jax import train as train_lib
     from hidrop_jax.export import save_hf
-    from hidrop_jax.hidrop.schedule import hidrop_config, preset, vision_flops
+    from hidrop_jax.hidrop.schedule import from_config, hidrop_config, vision_flops
 
     work = Path(a.workdir).absolute()
     cfg = tiny.get_config(f"schedule={a.schedule}")
@@ -68,17 +68,15 @@ def main(argv=None):
     cfg, params, step = eval_lib.load_run(work)
     mesh = shard_lib.make_mesh(tuple(cfg.train.mesh))
     nb = a.eval_batches or None
-    results = {}
-    n_vis = spec.n_vision
+    results, flops = {}, {}
+    t = cfg.model.text
     for name in dict.fromkeys((a.schedule, "vanilla")):  # once each, also when training vanilla
         c = cfg.copy_and_resolve_references()
-        c.hidrop = hidrop_config(name, c.model.text.num_layers, n_vis)
+        c.hidrop = hidrop_config(name, t.num_layers, spec.n_vision)
         results[name] = eval_lib.evaluate_params(c, params, eval_src, tok, spec, mesh, max_batches=nb)
+        flops[name] = vision_flops(from_config(c), t.hidden_size, t.intermediate_size)
     report["step"] = int(step)
     report["eval"] = results
-    t = cfg.model.text
-    flops = {n: vision_flops(preset(n, t.num_layers, n_vis), t.hidden_size, t.intermediate_size)
-             for n in (a.schedule, "vanilla")}
     report["vision_flops_ratio"] = flops[a.schedule] / flops["vanilla"]
 
     print("[4/4] exporting to Hugging Face format and evaluating it with PyTorch")

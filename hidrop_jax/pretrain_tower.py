@@ -56,8 +56,13 @@ def dense_labels(scene, patch: int, size: int, min_cover: float):
     return kind_of[owner], col_of[owner]  # owner = -1 picks the trailing background class
 
 
-def dataset_example(split: str, index: int, image_size: int, patch: int, min_cover: float,
-                    seed: int = 0) -> dict:
+def _dataset():
+    """The `shapes_vqa` default config (its seed and split sizes: the images the demo trains on)."""
+    from hidrop_jax.data.shapes_vqa import ShapesVqa
+    return ShapesVqa.BUILDER_CONFIGS[0]
+
+
+def dataset_example(split: str, index: int, image_size: int, patch: int, min_cover: float) -> dict:
     """One `shapes_vqa` image (the JPEG the dataset stores, decoded and preprocessed for a
     tower of `image_size`) with the dense labels of its patch grid."""
     from hidrop_jax.data import shapes
@@ -66,7 +71,7 @@ def dataset_example(split: str, index: int, image_size: int, patch: int, min_cov
     if shapes.IMAGE_SIZE % grid:
         raise ValueError(f"model.vision: a {grid}×{grid} patch grid does not tile the dataset's "
                          f"{shapes.IMAGE_SIZE}-px images; allowed: grids that divide {shapes.IMAGE_SIZE}")
-    ex = shapes.make_example(seed, split, index)
+    ex = shapes.make_example(_dataset().seed, split, index)
     o = ex["objects"]
     scene = [shapes.Shape(*a) for a in zip(o["kind"], o["color"], o["x"], o["y"], o["radius"])]
     kind, color = dense_labels(scene, shapes.IMAGE_SIZE // grid, shapes.IMAGE_SIZE, min_cover)
@@ -80,7 +85,7 @@ def dataset_batches(split: str, n: int, batch: int, image_size: int, patch: int,
     import grain
     from hidrop_jax.data import shapes
     dataset_example(split, 0, image_size, patch, min_cover)  # a bad size fails here, not in a thread
-    idx = [i for i in range(n) if not shapes.is_text_only(0, split, i)]
+    idx = [i for i in range(n) if not shapes.is_text_only(_dataset().seed, split, i)]
     ds = grain.MapDataset.source(idx)
     if repeat:
         ds = ds.shuffle(seed=shuffle_seed).repeat()
@@ -184,7 +189,7 @@ def pretrain(cfg, out: str, *, steps: int, batch: int, lr: float, min_cover: flo
     size, patch = m.vision.image_size, m.vision.patch_size
     held_out = list(dataset_batches("validation", 64, 32, size, patch, min_cover, repeat=False))
     majority = majority_kind(held_out)
-    train = dataset_batches("train", 20_000, batch, size, patch, min_cover, shuffle_seed=cfg.train.seed)
+    train = dataset_batches("train", _dataset().num_train, batch, size, patch, min_cover, shuffle_seed=cfg.train.seed)
     t0 = time.time()
     tower, curve = train_dense(features, tower, m.vision.hidden_size, train, steps, lr=lr,
                                held_out=held_out, eval_every=eval_every, name="pretrain")
