@@ -158,7 +158,8 @@ def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
             rms_norm_eps=t.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
             hidden_act=t.get("hidden_act", "silu"),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", t.get("tie_word_embeddings", False))),
-            max_position_embeddings=t.get("max_position_embeddings", 4096)),
+            max_position_embeddings=t.get("max_position_embeddings", 4096),
+            initializer_range=t.get("initializer_range", 0.02)),
         projector_act=hf.get("projector_hidden_act", "gelu"),
         projector_bias=hf.get("multimodal_projector_bias", True),
         image_token_id=hf.get("image_token_index", hf.get("image_token_id", 32000)),
@@ -190,7 +191,8 @@ def config_to_hf(cfg) -> dict:
             "head_dim": t.head_dim, "rms_norm_eps": t.rms_norm_eps, "rope_theta": t.rope_theta,
             "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta},
             "hidden_act": t.hidden_act, "max_position_embeddings": t.max_position_embeddings,
-            "tie_word_embeddings": t.tie_word_embeddings, "attention_bias": False, "mlp_bias": False},
+            "tie_word_embeddings": t.tie_word_embeddings, "attention_bias": False, "mlp_bias": False,
+            "initializer_range": t.get("initializer_range", 0.02)},
     }
 
 

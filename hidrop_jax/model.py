@@ -23,7 +23,7 @@ from hidrop_jax.config import feature_layers_run, n_vision_tokens
 from hidrop_jax.hidrop import schedule as schedule_lib
 from hidrop_jax.hidrop.select import score_vision, select
 from hidrop_jax.layers.clip import VisionDims, init_vision, vision_hidden_state
-from hidrop_jax.layers.common import dense, slice_layers, stacked
+from hidrop_jax.layers.common import INIT_STD, dense, slice_layers, stacked
 from hidrop_jax.layers.llama import DecoderLayer, Embedder, RMSNorm, TextDims
 from hidrop_jax.layers.projector import Projector
 from hidrop_jax.layers.rope import rope_tables
@@ -48,7 +48,8 @@ def _dtype(m):
 def text_dims(m) -> TextDims:
     t = m.text
     return TextDims(t.vocab_size, t.hidden_size, t.intermediate_size, t.num_heads, t.num_kv_heads,
-                    t.head_dim, t.rms_norm_eps, t.rope_theta, _dtype(m), m.get("attention_impl"))
+                    t.head_dim, t.rms_norm_eps, t.rope_theta, _dtype(m), m.get("attention_impl"),
+                    t.get("initializer_range", INIT_STD))  # absent in older checkpoints' configs
 
 
 def vision_dims(m) -> VisionDims:
@@ -68,17 +69,18 @@ def _init_boxed(cfg, rng):
     pos = jnp.zeros((1, 1), jnp.int32)
     rope = rope_tables(pos, td.head_dim, td.rope_theta)
     text = {
-        "embed_tokens": Embedder(td.vocab_size, td.hidden_size).init(r[0], pos)["params"],
+        "embed_tokens": Embedder(td.vocab_size, td.hidden_size, init_std=td.init_std).init(
+            r[0], pos)["params"],
         "layers": stacked(DecoderLayer, m.text.num_layers)(td).init(
             r[1], x, rope, pos, pos == 0)["params"],
         "norm": RMSNorm(td.rms_norm_eps).init(r[2], x)["params"],
     }
     if not m.text.tie_word_embeddings:
-        text["lm_head"] = dense(td.vocab_size, ("embed", "vocab"), use_bias=False,
-                                dtype=jnp.float32, name="lm_head").init(r[3], x)["params"]
+        text["lm_head"] = dense(td.vocab_size, ("embed", "vocab"), use_bias=False, dtype=jnp.float32,
+                                name="lm_head", init_std=td.init_std).init(r[3], x)["params"]
     return {
         "vision": init_vision(vd, r[4]),
-        "projector": Projector(td.hidden_size, m.projector.bias).init(
+        "projector": Projector(td.hidden_size, m.projector.bias, init_std=td.init_std).init(
             r[5], jnp.zeros((1, 1, vd.hidden_size)))["params"],
         "text": text,
     }

@@ -132,7 +132,11 @@ def load_pretrained(cfg, state, path: str):
     from hidrop_jax.convert import load_checkpoint
     src_cfg, params = load_checkpoint(path)
     runtime = ("dtype", "remat", "scan_unroll", "attention_impl")  # how to run, not what to run
-    arch = lambda m: {k: v for k, v in m.to_dict().items() if k not in runtime}
+
+    def arch(m):  # nor how it was initialised (older configs lack initializer_range)
+        d = {k: v for k, v in m.to_dict().items() if k not in runtime}
+        d["text"] = {k: v for k, v in d["text"].items() if k != "initializer_range"}
+        return d
     if arch(src_cfg.model) != arch(cfg.model):
         diff = sorted(k for k in set(arch(src_cfg.model)) | set(arch(cfg.model))
                       if arch(src_cfg.model).get(k) != arch(cfg.model).get(k))

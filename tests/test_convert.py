@@ -13,8 +13,8 @@ from safetensors.numpy import load_file, save_file
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from hf_tiny import make_batch, make_hf_llava
-from hidrop_jax.convert import config_to_hf, load_checkpoint, load_hf
-from hidrop_jax.model import abstract_params, count_params, forward_hf
+from hidrop_jax.convert import config_from_hf, config_to_hf, load_checkpoint, load_hf
+from hidrop_jax.model import abstract_params, count_params, forward_hf, init_params
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +145,31 @@ def test_bad_attention_impl_names_the_field():
                                  num_layers=1, num_heads=1),
                      text=dict(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1),
                      attention_impl="flash")
+
+
+def test_initializer_range_means_what_it_means_in_hf():
+    """`model.text.initializer_range` is the std of every LLM and projector weight at
+    initialisation, as in transformers (which draws them from N(0, initializer_range²)); the
+    vision tower keeps CLIP's 0.02. Export writes the field and import reads it back."""
+    cfg = importlib.import_module("configs.tiny_shapes").get_config()
+    cfg.model.text.initializer_range = 0.1
+    ours = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(x) for path, x in
+            jax.tree_util.tree_leaves_with_path(init_params(cfg, jax.random.PRNGKey(0)))}
+    hf_cfg = LlavaConfig(**config_to_hf(cfg))
+    assert hf_cfg.text_config.initializer_range == 0.1
+    assert config_from_hf(config_to_hf(cfg)).model.text.initializer_range == 0.1
+    torch.manual_seed(0)
+    hf = LlavaForConditionalGeneration(hf_cfg)
+    hf_std = [p.detach().std().item() for n, p in hf.named_parameters()
+              if p.ndim == 2 and "vision_tower" not in n]  # linear weights and embeddings
+    assert len(hf_std) == 7 * cfg.model.text.num_layers + 4 and np.allclose(hf_std, 0.1, rtol=0.05)
+    matrices = {k: x for k, x in ours.items() if x.ndim >= 2 and k.endswith(("kernel", "embedding"))}
+    assert len(matrices) == 9 + 2 + 8  # text: 7 stacked kernels, embedding, lm_head; projector:
+    # 2 kernels; vision: patch conv, position embedding, 6 stacked kernels
+    for k, x in matrices.items():
+        want = 0.02 if k.startswith("vision/") else 0.1
+        assert abs(x.std() / want - 1) < 0.05, (k, x.std())
+    from hidrop_jax.config import validate_model
+    cfg.model.text.initializer_range = 0.0
+    with pytest.raises(ValueError, match="model.text.initializer_range.*0.0.*positive"):
+        validate_model(cfg.model)

@@ -7,14 +7,17 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name  # noqa: F401  (re-exported for the layers)
 
-INIT = nn.initializers.normal(0.02)
+INIT_STD = 0.02  # HF's `initializer_range` default (LLaMA's and CLIP's)
+INIT = nn.initializers.normal(INIT_STD)
 
 
-def dense(features: int, axes: Sequence[str], *, use_bias: bool, dtype, name: str) -> nn.Dense:
-    """nn.Dense whose kernel [in, out] and bias [out] carry logical axis names."""
+def dense(features: int, axes: Sequence[str], *, use_bias: bool, dtype, name: str,
+          init_std: float = INIT_STD) -> nn.Dense:
+    """nn.Dense whose kernel [in, out] and bias [out] carry logical axis names; the kernel is
+    drawn from N(0, init_std²) (HF's `initializer_range`)."""
     return nn.Dense(
         features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
-        kernel_init=nn.with_logical_partitioning(INIT, tuple(axes)),
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(init_std), tuple(axes)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
     )
 

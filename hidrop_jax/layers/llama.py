@@ -1,6 +1,7 @@
 """Llama decoder: RMSNorm, grouped-query attention with RoPE at explicit positions, SwiGLU."""
 
 import dataclasses
+import functools
 from typing import Optional
 
 import flax.linen as nn
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from hidrop_jax.layers.attention import attention
-from hidrop_jax.layers.common import INIT, checkpoint_name, dense
+from hidrop_jax.layers.common import INIT_STD, checkpoint_name, dense
 from hidrop_jax.layers.rope import apply_rope
 
 
@@ -25,6 +26,7 @@ class TextDims:
     rope_theta: float
     dtype: jnp.dtype = jnp.float32
     attention_impl: Optional[str] = None
+    init_std: float = INIT_STD  # HF `initializer_range`: std of every weight at initialisation
 
 
 class RMSNorm(nn.Module):
@@ -46,10 +48,11 @@ class LlamaAttention(nn.Module):
 
     def setup(self):
         d = self.dims
-        self.q_proj = dense(d.num_heads * d.head_dim, ("embed", "heads"), use_bias=False, dtype=d.dtype, name="q_proj")
-        self.k_proj = dense(d.num_kv_heads * d.head_dim, ("embed", "kv_heads"), use_bias=False, dtype=d.dtype, name="k_proj")
-        self.v_proj = dense(d.num_kv_heads * d.head_dim, ("embed", "kv_heads"), use_bias=False, dtype=d.dtype, name="v_proj")
-        self.o_proj = dense(d.hidden_size, ("heads", "embed"), use_bias=False, dtype=d.dtype, name="o_proj")
+        lin = functools.partial(dense, use_bias=False, dtype=d.dtype, init_std=d.init_std)
+        self.q_proj = lin(d.num_heads * d.head_dim, ("embed", "heads"), name="q_proj")
+        self.k_proj = lin(d.num_kv_heads * d.head_dim, ("embed", "kv_heads"), name="k_proj")
+        self.v_proj = lin(d.num_kv_heads * d.head_dim, ("embed", "kv_heads"), name="v_proj")
+        self.o_proj = lin(d.hidden_size, ("heads", "embed"), name="o_proj")
 
     def _heads(self, x, n):
         return x.reshape(*x.shape[:-1], n, self.dims.head_dim)
@@ -97,9 +100,10 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         d = self.dims
-        gate = dense(d.intermediate_size, ("embed", "mlp"), use_bias=False, dtype=d.dtype, name="gate_proj")(x)
-        up = dense(d.intermediate_size, ("embed", "mlp"), use_bias=False, dtype=d.dtype, name="up_proj")(x)
-        return dense(d.hidden_size, ("mlp", "embed"), use_bias=False, dtype=d.dtype, name="down_proj")(
+        lin = functools.partial(dense, use_bias=False, dtype=d.dtype, init_std=d.init_std)
+        gate = lin(d.intermediate_size, ("embed", "mlp"), name="gate_proj")(x)
+        up = lin(d.intermediate_size, ("embed", "mlp"), name="up_proj")(x)
+        return lin(d.hidden_size, ("mlp", "embed"), name="down_proj")(
             nn.silu(gate) * up)
 
 
@@ -153,10 +157,12 @@ class Embedder(nn.Module):
     vocab_size: int
     hidden_size: int
     dtype: jnp.dtype = jnp.float32
+    init_std: float = INIT_STD
 
     def setup(self):
         self.embedding = self.param(
-            "embedding", nn.with_logical_partitioning(INIT, ("vocab", "embed")),
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(self.init_std), ("vocab", "embed")),
             (self.vocab_size, self.hidden_size), jnp.float32)
 
     def __call__(self, ids):
