@@ -343,6 +343,7 @@ def describe_stages(cfg, kept) -> list[str]:
 
 
 def main(argv=None):
+    from hidrop_jax.data import templates
     ap = argparse.ArgumentParser(prog="python -m hidrop_jax.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
@@ -356,7 +357,7 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--template", choices=("v1", "plain", "none"),
+    ap.add_argument("--template", choices=(*templates.TEMPLATES, "none"),
                     help="chat template (default: the run's data.template, else v1)")
     ap.add_argument("--tokenizer", help="tokenizer directory (default: beside the weights)")
     args = ap.parse_args(argv)

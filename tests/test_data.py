@@ -238,11 +238,11 @@ def _check_example(ex, tokenizer, spec, questions, answers, has_image):
     assert not ex["query_valid"][n_rounds:].any()
     # what the model reads: the prompt, without the answers being visible before their rows
     text = tokenizer.decode(ids[:n]).replace(" ", "").replace("▁", "")
-    for qq in (questions if spec.template == "v1" else questions[:0]):
+    for qq in (questions if spec.template != "plain" else questions[:0]):
         assert qq.replace(" ", "") in text
 
 
-@pytest.mark.parametrize("template", ["v1", "plain"])
+@pytest.mark.parametrize("template", ["v1", "v1_nosys", "plain"])
 @pytest.mark.parametrize("which", ["word", "bpe"])
 def test_labels_positions_queries(template, which, train, tok, bpe):
     tokenizer = tok if which == "word" else bpe
@@ -267,6 +267,10 @@ def test_llava_v1_text():
     full = r.before + "<image>" + r.after
     assert full == (V1_SYSTEM + " USER: <image>\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>")
     assert [r.after[a:b] for a, b in r.spans] == ["a1</s>", "a2</s>"]
+    r = render("v1_nosys", ["q1", "q2"], ["a1", "a2"], True)
+    assert r.before + "<image>" + r.after == "USER: <image>\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>"
+    r = render("v1_nosys", ["q1"], ["a1"], False)
+    assert (r.before, r.after, r.spans) == ("", "USER: q1 ASSISTANT: a1</s>", [(20, 26)])
     r = render("plain", ["q1"], ["a caption"], True)
     assert (r.before, r.after, r.spans) == ("", "\na caption\n", [(1, 11)])
 
