@@ -14,6 +14,10 @@ kind (or colour) is unique in their image, as the dataset's questions are.
 
 If this head learns in a few hundred steps, the tokens carry what the questions need and what
 is slow in the LLM is composing such steps (question word -> query -> answer row).
+
+It also measures whether the tokens say *where* their patch is (what "where is the red circle
+relative to the blue square ?" needs from the values): R² of a least-squares linear map from a
+token to its patch's row and column, fitted on half the training tokens, scored on the other.
 """
 
 from __future__ import annotations
@@ -112,6 +116,20 @@ def probe(train, val, by: str, std: float, steps: int, d: int, lr: float, seed: 
     return curve
 
 
+def position_r2(feats) -> dict:
+    """Held-out R² of a linear least-squares fit token -> (row, column) of its patch."""
+    n_img, n_tok, _ = feats.shape
+    side = int(round(n_tok ** 0.5))
+    x = np.c_[feats.reshape(n_img * n_tok, -1), np.ones(n_img * n_tok)]
+    half = (n_img // 2) * n_tok  # first half of the images to fit, second half to score
+    out = {}
+    for name, y in (("row", np.arange(n_tok) // side), ("column", np.arange(n_tok) % side)):
+        y = np.tile(y, n_img).astype(np.float64)
+        w = np.linalg.lstsq(x[:half], y[:half], rcond=None)[0]
+        out[name] = float(1 - np.mean((y[half:] - x[half:] @ w) ** 2) / np.var(y[half:]))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stds", default="0.02,0.0884", help="initialisation stds (HF's 0.02; 128^-0.5)")
@@ -132,8 +150,11 @@ def main(argv=None):
             rows.append(dict(std=std, find_by=by, answer=asks, accuracy=curve))
             print(f"std {std:<7} find by {by:5s} read {asks:6s}: "
                   + "  ".join(f"{s}: {v:.3f}" for s, v in curve.items()), flush=True)
+    pos = position_r2(f_tr)
+    print(f"position of a token's patch from the token (linear, held-out R²): row {pos['row']:.3f}, "
+          f"column {pos['column']:.3f}")
     out = dict(command=" ".join(sys.argv), images=len(f_tr), validation_images=len(f_va),
-               seconds=round(time.time() - t0, 1), rows=rows)
+               seconds=round(time.time() - t0, 1), rows=rows, position_r2=pos)
     Path(a.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {a.out} ({out['seconds']} s)")
 
