@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 EVAL_AT = (50, 100, 200, 400, 600, 1000, 2000)
 
 
@@ -43,14 +43,15 @@ def features(cfg, split: str, n: int):
     from hidrop_jax.convert import load_hf_vision
     from hidrop_jax.data import shapes
     from hidrop_jax.data.image import preprocess
+    from hidrop_jax.data.shapes_vqa import ShapesVqa
     from hidrop_jax.layers.clip import vision_hidden_state
     from hidrop_jax.model import vision_dims
     m = cfg.model
     tower = load_hf_vision(cfg, cfg.train.init_vision)
     run = jax.jit(lambda px: vision_hidden_state(vision_dims(m), tower, px, feature_layers_run(m))[:, 1:])
-    pix, objs = [], []
+    pix, objs, seed = [], [], ShapesVqa.BUILDER_CONFIGS[0].seed  # the images the demo trains on
     for i in range(n):
-        ex = shapes.make_example(0, split, i)
+        ex = shapes.make_example(seed, split, i)
         if ex["has_image"]:
             pix.append(preprocess(ex["image"], m.vision.image_size))
             objs.append((list(ex["objects"]["kind"]), list(ex["objects"]["color"])))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from hidrop_jax.layers.common import INIT_STD
+
 VISION_ACTS = ("quick_gelu", "gelu")
 PROJECTOR_ACTS = ("gelu",)
 TEXT_ACTS = ("silu",)
@@ -36,7 +38,7 @@ def model_config(
     v = dict(num_channels=3, layer_norm_eps=1e-5, hidden_act="quick_gelu")
     v.update(vision)
     t = dict(rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
-             tie_word_embeddings=False, max_position_embeddings=4096, initializer_range=0.02)
+             tie_word_embeddings=False, max_position_embeddings=4096, initializer_range=INIT_STD)
     t.update(text)
     t.setdefault("num_kv_heads", t["num_heads"])
     t.setdefault("head_dim", t["hidden_size"] // t["num_heads"])
@@ -90,11 +92,16 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
         _fail("model.text.num_kv_heads", t.num_kv_heads, f"a divisor of num_heads={t.num_heads}")
     if v.hidden_size % v.num_heads:
         _fail("model.vision.num_heads", v.num_heads, f"a divisor of hidden_size={v.hidden_size}")
-    if not t.get("initializer_range", 0.02) > 0:
+    if not initializer_range(t) > 0:
         _fail("model.text.initializer_range", t.initializer_range, "a positive float (the std of "
               "the LLM's and projector's weights at initialisation)")
     if t.head_dim % 2:
         _fail("model.text.head_dim", t.head_dim, "an even number (RoPE rotates pairs)")
+
+
+def initializer_range(text: ml_collections.ConfigDict) -> float:
+    """`model.text.initializer_range`; configs written before the field existed mean HF's 0.02."""
+    return text.get("initializer_range", INIT_STD)
 
 
 def feature_layers_run(m: ml_collections.ConfigDict) -> int:

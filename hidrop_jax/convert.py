@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from hidrop_jax.config import model_config
+from hidrop_jax.config import initializer_range, model_config
 from hidrop_jax.hidrop.schedule import hidrop_config
 
 # (HF name in the legacy hub layout, parameter path, transform). `{i}` marks a stacked layer.
@@ -192,7 +192,7 @@ def config_to_hf(cfg) -> dict:
             "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta},
             "hidden_act": t.hidden_act, "max_position_embeddings": t.max_position_embeddings,
             "tie_word_embeddings": t.tie_word_embeddings, "attention_bias": False, "mlp_bias": False,
-            "initializer_range": t.get("initializer_range", 0.02)},
+            "initializer_range": initializer_range(t)},
     }
 
 

@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hidrop_jax.config import feature_layers_run, n_vision_tokens
+from hidrop_jax.config import feature_layers_run, initializer_range, n_vision_tokens
 from hidrop_jax.hidrop import schedule as schedule_lib
 from hidrop_jax.hidrop.select import score_vision, select
 from hidrop_jax.layers.clip import VisionDims, init_vision, vision_hidden_state
-from hidrop_jax.layers.common import INIT_STD, dense, slice_layers, stacked
+from hidrop_jax.layers.common import dense, slice_layers, stacked
 from hidrop_jax.layers.llama import DecoderLayer, Embedder, RMSNorm, TextDims
 from hidrop_jax.layers.projector import Projector
 from hidrop_jax.layers.rope import rope_tables
@@ -49,7 +49,7 @@ def text_dims(m) -> TextDims:
     t = m.text
     return TextDims(t.vocab_size, t.hidden_size, t.intermediate_size, t.num_heads, t.num_kv_heads,
                     t.head_dim, t.rms_norm_eps, t.rope_theta, _dtype(m), m.get("attention_impl"),
-                    t.get("initializer_range", INIT_STD))  # absent in older checkpoints' configs
+                    initializer_range(t))
 
 
 def vision_dims(m) -> VisionDims:
