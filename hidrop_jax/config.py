@@ -159,6 +159,7 @@ def train_defaults() -> dict:
     """`cfg.train`: LLaVA-1.5 stage-2 defaults; override with --config.train.FIELD=VALUE."""
     return dict(
         trainable="projector+llm",  # stage 1: "projector"; stage 2: "projector+llm"; "all"
+        init_from="",  # start from: an `import-hf` checkpoint, a training workdir or a HF LLaVA dir
         init_vision="",  # a HF CLIP directory to start the vision tower from (LLaVA's --vision_tower)
         steps=1000, batch_size=128, grad_accum=1, lr=2e-5, warmup_steps=30, end_lr_ratio=0.0,
         weight_decay=0.0, b1=0.9, b2=0.999, clip=1.0, seed=0,
