@@ -42,7 +42,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hidrop_jax.hidrop import analysis as an
+from hidrop_jax.analysis import plots, probes
+from hidrop_jax.batch import first_query_row, to_inputs
+from hidrop_jax.hidrop import propose as proposal
+from hidrop_jax.data.sources import load_source
+from hidrop_jax.data import pipeline as data_lib
+from hidrop_jax.data.tokenizer import load_tokenizer, shapes_vqa_tokenizer
+from hidrop_jax.checkpoint import load_run
+from hidrop_jax.hf.load import load_hf
+from hidrop_jax.config import n_vision_tokens
+from hidrop_jax.model import forward
 
 DEFAULT_SPLIT = "validation"
 
@@ -58,7 +67,6 @@ def parse_data(spec: str):
 
 
 def open_source(spec: str, data_dir: str, manual_dir=None):
-    from hidrop_jax.data.sources import load_source
     name, split = parse_data(spec)
     try:
         return load_source(name, split, data_dir, manual_dir=manual_dir), name, split
@@ -76,10 +84,7 @@ def _has_tokenizer(d: Path) -> bool:
 
 def load_model(a):
     """(cfg, params, tokenizer, spec, data_dir, source description) for --workdir / --hf."""
-    from hidrop_jax.data import pipeline as data_lib
-    from hidrop_jax.data.tokenizer import load_tokenizer, shapes_vqa_tokenizer
     if a.workdir:
-        from hidrop_jax.evaluate import load_run
         cfg, params, step = load_run(a.workdir)
         wd = Path(a.workdir).absolute()
         d = cfg.data
@@ -97,7 +102,6 @@ def load_model(a):
         template, max_len, nq = d.template, d.max_len, d.num_queries
         origin = dict(workdir=str(wd), step=int(step))
     else:
-        from hidrop_jax.convert import load_hf
         hf = Path(a.hf)
         cfg, params = load_hf(hf)
         tok_dir = Path(a.tokenizer) if a.tokenizer else hf
@@ -202,8 +206,7 @@ def stream(a, cfg, params, tok, spec, source, *, curves, ilvas, ns, topk, vision
     """One pass over the first `--samples` examples: (Sums, probe accuracy counts, samples,
     samples with an image, first batch)."""
     from tqdm import tqdm
-    from hidrop_jax.data import pipeline as data_lib
-    fn = jax.jit(functools.partial(an.batch_statistics, cfg, ns=ns, topk=topk,
+    fn = jax.jit(functools.partial(probes.batch_statistics, cfg, ns=ns, topk=topk,
                                    ilvas_mode=a.ilvas_mode, curves=curves, ilvas=ilvas))
     n_total = min(a.samples, len(source))
     n_batches = math.ceil(n_total / a.batch_size)
@@ -212,7 +215,7 @@ def stream(a, cfg, params, tok, spec, source, *, curves, ilvas, ns, topk, vision
     bar = tqdm(total=n_batches, desc=desc, unit="batch")
     for batch in data_lib.eval_batches(source, tok, spec, batch_size=a.batch_size,
                                        shard_index=0, shard_count=1):
-        inputs, targets = data_lib.to_inputs(batch)
+        inputs, targets = to_inputs(batch)
         idx = seen + np.arange(len(batch["example_valid"]))
         weight = (np.asarray(batch["example_valid"]) & (idx < n_total)).astype(np.float32)
         seen += len(idx)
@@ -224,7 +227,7 @@ def stream(a, cfg, params, tok, spec, source, *, curves, ilvas, ns, topk, vision
         sums.add(out)
         if curves:
             w_img = weight * np.asarray(inputs.has_image)
-            c, r = an.round_accuracy(jax.device_get(out["probe_hits"]), targets.loss_mask,
+            c, r = probes.round_accuracy(jax.device_get(out["probe_hits"]), targets.loss_mask,
                                      targets.label_round, w_img)
             correct = c if correct is None else correct + c
             rounds += r
@@ -292,7 +295,7 @@ def plot_all(report: dict, out: Path, size=(8, 4.5), dpi=100):
 
     f = lambda v: np.asarray([np.nan if x is None else x for x in v], float)
     fig, (ax, axv) = plt.subplots(1, 2, figsize=size, gridspec_kw=dict(width_ratios=(3, 2)))
-    for k in an.MODALITIES:
+    for k in probes.MODALITIES:
         ax.plot(layers, f(report["intra_modal"][k]), marker="o", ms=3, label=k)
     _mark(ax, prop)
     ax.set(xlabel="layer l (0-based)", ylabel="mean cos(h_l, h_{l+1})",
@@ -372,21 +375,19 @@ def draw_stages(cfg, params, schedule, inputs, spec, out: Path, n_show: int):
     """PNG per sample and cut (+ the input, + a strip of all) under `schedule`: which patches
     survive. Returns the paths."""
     from PIL import Image
-    from hidrop_jax.config import n_vision_tokens
-    from hidrop_jax.model import forward
     if n_show < 1 or not schedule.prune_after:
         return []
     c = copy.deepcopy(cfg)
     c.hidrop.update(inject_layer=schedule.inject_layer, prune_after=tuple(schedule.prune_after),
                     keep=tuple(schedule.keep), exit_layer=schedule.exit)
-    q = an.last_prompt_row(inputs)
+    q = first_query_row(inputs)
     ins = inputs._replace(query_idx=q[:, None], query_valid=jnp.ones((len(q), 1), bool))
     kept = jax.jit(lambda p, x: forward(c, p, x, return_aux=True)[1]["kept"])(params, ins)
     kept = [np.asarray(k) for k in jax.device_get(kept)]
     m = cfg.model
     grid = m.vision.image_size // m.vision.patch_size
     cls = n_vision_tokens(m) != grid * grid
-    scale = an.display_scale(m.vision.image_size)
+    scale = plots.display_scale(m.vision.image_size)
     d = out / "stages"
     d.mkdir(parents=True, exist_ok=True)
     files = []
@@ -397,7 +398,7 @@ def draw_stages(cfg, params, schedule, inputs, spec, out: Path, n_show: int):
         Image.fromarray(panels[0]).save(path)
         files.append(str(path))
         for i, (p, k) in enumerate(zip(schedule.prune_after, schedule.keep)):
-            pic = an.patch_overlay(img, kept[i][b], grid, cls_token=cls, scale=scale)
+            pic = plots.patch_overlay(img, kept[i][b], grid, cls_token=cls, scale=scale)
             path = d / f"sample{b}_cut{i + 1}_after_layer{p}_keep{k}.png"
             Image.fromarray(pic).save(path)
             files.append(str(path))
@@ -470,7 +471,6 @@ def build_parser():
 
 def main(argv=None):
     a = build_parser().parse_args(argv)
-    from hidrop_jax.config import n_vision_tokens
     t0 = time.time()
     out = Path(a.out)
     cfg, params, tok, spec, data_dir, origin = load_model(a)
@@ -486,7 +486,7 @@ def main(argv=None):
     params = jax.device_put(params)
 
     same_pass = a.ilvas_model != "proposed"
-    flags = None if window is None else jnp.asarray(an.vision_flags(L, *window))
+    flags = None if window is None else jnp.asarray(probes.vision_flags(L, *window))
     sums, (correct, rounds), samples, with_img, first = stream(
         a, cfg, params, tok, spec, source, curves=True, ilvas=same_pass, ns=ns, topk=topk,
         vision_on=flags, desc="analyze")
@@ -501,7 +501,7 @@ def main(argv=None):
         settings=dict(budget=a.budget, tolerance=a.tolerance, topk=topk, ilvas_n=list(ns),
                       ilvas_mode=a.ilvas_mode, max_cuts=a.max_cuts,
                       min_prominence=a.min_prominence),
-        intra_modal={k: _list(intra[:, i]) for i, k in enumerate(an.MODALITIES)},
+        intra_modal={k: _list(intra[:, i]) for i, k in enumerate(probes.MODALITIES)},
         cross_modal=_list(sums.ratio("cross_sum", "cross_count")),
         exit_probe=dict(
             exit_layer=list(range(1, L + 1)), loss=_list(probe_loss),
@@ -515,12 +515,12 @@ def main(argv=None):
 
     vision_curve = report["intra_modal"]["vision"]
     if window is None and a.ilvas_model == "proposed":
-        inj, _ = an.pick_injection(vision_curve, a.min_prominence)
-        ex, _ = an.pick_exit(report["exit_probe"]["loss"], a.tolerance)
+        inj, _ = proposal.pick_injection(vision_curve, a.min_prominence)
+        ex, _ = proposal.pick_exit(report["exit_probe"]["loss"], a.tolerance)
         window = (inj, max(ex, min(L, inj + 2)))
         check_window(window, ns, L)
         sums2, *_ = stream(a, cfg, params, tok, spec, source, curves=False, ilvas=True, ns=ns,
-                           topk=topk, vision_on=jnp.asarray(an.vision_flags(L, *window)),
+                           topk=topk, vision_on=jnp.asarray(probes.vision_flags(L, *window)),
                            desc="ILVAS")
         sums.d.update({k: v for k, v in sums2.d.items() if k.startswith("ilvas")})
     model_name = ("vanilla" if window is None else
@@ -530,20 +530,20 @@ def main(argv=None):
     report["ilvas"] = dict(model=model_name, window=list(window), topk=topk, curves=curves)
 
     try:
-        s, details = an.propose(vision_curve=vision_curve,
+        s, details = proposal.propose(vision_curve=vision_curve,
                                 ilvas_curves={int(n): c for n, c in curves.items()},
                                 probe_loss=report["exit_probe"]["loss"], num_layers=L, n_vision=N,
                                 budget=a.budget, tolerance=a.tolerance, max_cuts=a.max_cuts,
                                 min_prominence=a.min_prominence)
-        report["proposal"] = dict(an.schedule_dict(s), details=details,
-                                  config_flags=an.config_flags(s), rules=RULES)
+        report["proposal"] = dict(proposal.schedule_dict(s), details=details,
+                                  config_flags=proposal.config_flags(s), rules=RULES)
     except ValueError as e:
         s = None
         report["proposal"] = dict(error=str(e), rules=RULES)
     files = plot_all(report, out)
     if s is not None:
         files += draw_stages(cfg, params, s, first[0], spec, out, a.show)
-        (out / "schedule_flags.txt").write_text(an.config_flags(s) + "\n")
+        (out / "schedule_flags.txt").write_text(proposal.config_flags(s) + "\n")
         (out / "preset.py").write_text(preset_snippet(s, report))
     report["files"] = [str(Path(f).relative_to(out)) for f in files]
     report["runtime_s"] = round(time.time() - t0, 2)

@@ -8,6 +8,9 @@ the only reader of ConfigDicts: layers take small frozen dataclasses, the method
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import ml_collections
 
 from hidrop_jax.hidrop.schedule import PRESETS, Schedule, preset
@@ -62,6 +65,21 @@ def model_config(
     return m
 
 
+def model_from_dict(m) -> ml_collections.ConfigDict:
+    """`cfg.model` rebuilt (validated, with typed fields) from a stored one, e.g. a config.json's."""
+    m = ml_collections.ConfigDict(dict(m))
+    return model_config(
+        vision=m.vision.to_dict(), text=m.text.to_dict(), projector_act=m.projector.hidden_act,
+        projector_bias=m.projector.bias, image_token_id=m.image_token_id,
+        feature_layer=m.feature_layer, select_strategy=m.select_strategy, dtype=m.dtype,
+        remat=m.remat, scan_unroll=m.scan_unroll, attention_impl=m.get("attention_impl"))
+
+
+# CLIP ViT-L/14-336, LLaVA-1.5's vision tower (576 tokens per image).
+CLIP_L14_336 = dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
+                    num_layers=24, num_heads=16, layer_norm_eps=1e-5, hidden_act="quick_gelu")
+
+
 def _fail(field: str, value, allowed: str):
     raise ValueError(f"config field `{field}` = {value!r} is not supported; allowed: {allowed}")
 
@@ -106,6 +124,26 @@ def initializer_range(text: ml_collections.ConfigDict) -> float:
     return text.get("initializer_range", INIT_STD)
 
 
+RUNTIME_FIELDS = ("dtype", "remat", "scan_unroll", "attention_impl")  # how to run, not what
+
+
+def architecture_diff(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> list:
+    """["model.FIELD: A != B", ...] where two `cfg.model`s describe different weights (runtime
+    settings and how the weights were initialised do not count)."""
+    def flat(m, prefix="model"):
+        out = {}
+        for k, v in m.items():
+            if k in RUNTIME_FIELDS or k == "initializer_range":
+                continue
+            if isinstance(v, (dict, ml_collections.ConfigDict)):
+                out.update(flat(v, f"{prefix}.{k}"))
+            else:
+                out[f"{prefix}.{k}"] = tuple(v) if isinstance(v, list) else v
+        return out
+    fa, fb = flat(a.to_dict()), flat(b.to_dict())
+    return [f"{k}: {fa.get(k)!r} != {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
 def feature_layers_run(m: ml_collections.ConfigDict) -> int:
     """How many CLIP encoder layers must run to produce `feature_layer`'s hidden state."""
     fl = m.feature_layer
@@ -116,6 +154,17 @@ def n_vision_tokens(m: ml_collections.ConfigDict) -> int:
     """Vision tokens per image fed to the LLM (CLS dropped for strategy `default`)."""
     n = (m.vision.image_size // m.vision.patch_size) ** 2
     return n if m.select_strategy == "default" else n + 1
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """`FILE[:ARGS]` -> `get_config(ARGS)` of that Python file, as `--config FILE:ARGS` does."""
+    path, _, arg = spec.partition(":")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    mod_spec = importlib.util.spec_from_file_location(f"_config_{Path(path).stem}", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.get_config(arg) if arg else mod.get_config()
 
 
 def parse_arg(arg: str, defaults: dict) -> ml_collections.ConfigDict:

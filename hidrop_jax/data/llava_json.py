@@ -29,7 +29,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from hidrop_jax.data.shapes_vqa import feature_spec
+from hidrop_jax.data.features import encode_jpeg, feature_spec
 
 log = logging.getLogger(__name__)
 IMAGE_PLACEHOLDER = "<image>"
@@ -56,7 +56,6 @@ def llava_json_config(json_file: str, image_dir: str = "", *, num_validation: in
 def _blank_jpeg() -> bytes:
     global _BLANK_JPEG
     if _BLANK_JPEG is None:
-        from hidrop_jax.data.shapes import encode_jpeg
         _BLANK_JPEG = encode_jpeg(np.zeros((1, 1, 3), np.uint8))
     return _BLANK_JPEG
 

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import logging
 
+from hidrop_jax.data.shapes_vqa import ShapesVqa, shapes_config
+from hidrop_jax.data.llava_json import LlavaJson, llava_json_config
+
 log = logging.getLogger(__name__)
 
 _SHAPES_ARGS = {"train": int, "validation": int, "test": int, "seed": int, "text_only_frac": float}
@@ -43,12 +46,10 @@ def make_builder(spec: str, data_dir: str):
     """The TFDS builder named by `spec` (see module doc); nothing is generated yet."""
     name, config, kw = _parse(spec)
     if name == "shapes_vqa":
-        from hidrop_jax.data.shapes_vqa import ShapesVqa, shapes_config
         _check_args(spec, name, config, kw, _SHAPES_ARGS)
         cfg = config or shapes_config(**{k: _SHAPES_ARGS[k](v) for k, v in kw.items()})
         return ShapesVqa(data_dir=data_dir, config=cfg)
     if name == "llava_json":
-        from hidrop_jax.data.llava_json import LlavaJson, llava_json_config
         _check_args(spec, name, config, kw, _LLAVA_ARGS)
         if kw:
             if "json_file" not in kw:
