@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hidrop_jax import cli
 from hidrop_jax.analysis import plots, probes
 from hidrop_jax.batch import first_query_row, to_inputs
 from hidrop_jax.hidrop import propose as proposal
@@ -544,6 +545,7 @@ def main(argv=None):
     if s is not None:
         files += draw_stages(cfg, params, s, first[0], spec, out, a.show)
         (out / "schedule_flags.txt").write_text(proposal.config_flags(s) + "\n")
+        (out / "schedule.json").write_text(json.dumps(proposal.schedule_dict(s), indent=1) + "\n")
         (out / "preset.py").write_text(preset_snippet(s, report))
     report["files"] = [str(Path(f).relative_to(out)) for f in files]
     report["runtime_s"] = round(time.time() - t0, 2)
@@ -588,9 +590,4 @@ def summary(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    import sys
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main)

@@ -15,22 +15,26 @@ from __future__ import annotations
 
 import json
 import shutil
+import zlib
 from pathlib import Path
 from typing import NamedTuple, Optional
 
 import grain.python as grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
 from hidrop_jax.atomic import atomic_dir
 from hidrop_jax.config import resolved, upgrade
-from hidrop_jax.hf.load import load_hf
+from hidrop_jax.hf.load import load_hf, read_run_facts
 from hidrop_jax.hf.mapping import config_from_hf
 from hidrop_jax.model import abstract_params
 
 KINDS = ("checkpoint", "workdir", "hf")
+INTEGRITY = "integrity"  # a workdir's per-step checksum files (beside checkpoints/)
+CHECKSUMS = "checksums.json"  # an import-hf checkpoint's
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -78,7 +82,7 @@ def open_run(path, *, step: Optional[int] = None, check_shapes: bool = True) -> 
         if step is not None:
             raise ValueError(f"step={step}: {d} is a Hugging Face directory, it has no steps")
         cfg, params = load_hf(d)
-        return Run(cfg, params, None, kind, d)
+        return Run(read_run_facts(d, cfg), params, None, kind, d)
     if kind == "workdir":
         cfg, params, step = load_run(d, step=step)
         return Run(cfg, params, step, kind, d)
@@ -92,7 +96,8 @@ def open_run(path, *, step: Optional[int] = None, check_shapes: bool = True) -> 
             meta = ckptr.metadata(d / "params")
             target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                   getattr(meta, "item_metadata", meta))
-        params = ckptr.restore(d / "params", target)
+        params = _restore_or_fail(lambda: ckptr.restore(d / "params", target), d / "params")
+    verify(params, _read_json(d / CHECKSUMS), f"checkpoint {d}")
     return Run(cfg, params, None, kind, d)
 
 
@@ -109,6 +114,7 @@ def save_checkpoint(out_dir, cfg, params, *, tokenizer_dir=None, overwrite: bool
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / "params", params)
             ckptr.wait_until_finished()
+        (tmp / CHECKSUMS).write_text(json.dumps(checksums(params)))
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, tmp / "tokenizer")
         (tmp / "config.json").write_text(resolved(cfg).to_json(indent=1))
@@ -130,11 +136,35 @@ def load_run(workdir, *, step: Optional[int] = None):
         step = max(steps)
     elif step not in steps:
         raise ValueError(f"step={step}: {workdir / 'checkpoints'} holds steps {sorted(steps)}")
-    target = {"params": abstract_params(cfg)}
-    got = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+    return cfg, _load_step(mgr, workdir, step, abstract_params(cfg)), step
+
+
+def _load_step(mgr, workdir: Path, step: int, abstract, *, offer_older: bool = True):
+    """One step's parameters as numpy arrays, verified (checksums, finiteness). A damaged step
+    fails naming it and the newest older step that is intact."""
+    target = {"params": abstract}
+    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target),
-        partial_restore=True)))
-    return cfg, got["state"]["params"], step
+        partial_restore=True))
+    where = Path(workdir) / "checkpoints" / str(step)
+    try:
+        params = _restore_or_fail(lambda: mgr.restore(step, args=args), where)["state"]["params"]
+        verify({"params": params}, read_step_checksums(workdir, step), f"step {step} ({where})")
+    except DamagedCheckpoint as e:
+        if not offer_older:
+            raise
+        raise DamagedCheckpoint(f"{e}; {_older_intact(mgr, workdir, step, abstract)}") from None
+    return params
+
+
+def _older_intact(mgr, workdir, step, abstract) -> str:
+    for s in sorted((x for x in mgr.all_steps() if x < step), reverse=True):
+        try:
+            _load_step(mgr, workdir, s, abstract, offer_older=False)
+            return f"the newest intact step is {s} (use --step {s})"
+        except DamagedCheckpoint:
+            continue
+    return "no older step is intact"
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -177,16 +207,129 @@ def checkpoint_manager(workdir: Path, keep: int, async_save: bool) -> ocp.Checkp
 
 def save_state(mgr, step: int, state, data_iter, *, force: bool = False) -> bool:
     """The train state and every process's data-iterator position (grain writes one file per
-    process, so each host resumes its own shard)."""
-    return mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                  data=grain.PyGrainCheckpointSave(data_iter)),
-                    force=force)
+    process, so each host resumes its own shard), with checksums of every array."""
+    workdir = Path(mgr.directory).parent
+    write_step_checksums(workdir, step, state)
+    saved = mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   data=grain.PyGrainCheckpointSave(data_iter)),
+                     force=force)
+    prune_step_checksums(workdir, set(mgr.all_steps()) | {step})
+    return saved
 
 
 def restore_state(mgr, state, data_iter):
     """Latest checkpoint into `state`'s shapes and shardings; the data iterator resumes too."""
     step = mgr.latest_step()
+    workdir = Path(mgr.directory).parent
+    where = workdir / "checkpoints" / str(step)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    got = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                    data=grain.PyGrainCheckpointRestore(data_iter)))
+    try:
+        got = _restore_or_fail(lambda: mgr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=grain.PyGrainCheckpointRestore(data_iter))), where)
+        verify(got["state"], read_step_checksums(workdir, step), f"step {step} ({where})")
+    except DamagedCheckpoint as e:
+        raise DamagedCheckpoint(f"{e}; cannot resume. Move {where} aside to resume from the step "
+                                "before it") from None
     return got["state"], step
+
+
+# ----------------------------------------------------------------------------- integrity
+
+class DamagedCheckpoint(ValueError):
+    """Stored arrays that are not what was saved (changed bytes, truncated files, non-finite)."""
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _restore_or_fail(restore, where: Path):
+    try:
+        return restore()
+    except (OSError, ValueError, RuntimeError) as e:  # tensorstore/orbax on damaged files
+        cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise DamagedCheckpoint(f"{where} cannot be read ({type(e).__name__}: {cause[:300]})") from None
+
+
+def _crc(a) -> str:
+    return f"{zlib.crc32(np.ascontiguousarray(a).tobytes()):08x}"
+
+
+def checksums(tree) -> list:
+    """[{"name", "index", "crc32"}] of this process's data of every array in `tree`, one entry per
+    distinct shard (`index` = [[start, stop], ...]), so any host can check what it restores."""
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = jax.tree_util.keystr(path)
+        if isinstance(leaf, jax.Array):
+            seen = set()
+            for sh in leaf.addressable_shards:
+                index = [[sl.start or 0, leaf.shape[d] if sl.stop is None else sl.stop]
+                         for d, sl in enumerate(sh.index)]
+                if str(index) not in seen:
+                    seen.add(str(index))
+                    out.append(dict(name=name, index=index, crc32=_crc(np.asarray(sh.data))))
+        elif hasattr(leaf, "shape"):
+            out.append(dict(name=name, index=[[0, n] for n in np.shape(leaf)], crc32=_crc(np.asarray(leaf))))
+    return out
+
+
+def verify(tree, recorded, what: str) -> None:
+    """Fails naming `what` and the arrays unless every recorded checksum that this process can
+    check matches and every floating array is finite. `recorded` None = saved before checksums
+    existed (finiteness only)."""
+    leaves = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+              if hasattr(x, "dtype")}
+
+    def finite(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return True
+        parts = [sh.data for sh in x.addressable_shards] if isinstance(x, jax.Array) else [x]
+        return all(np.isfinite(np.asarray(p, np.float32)).all() for p in parts)
+    bad = [n for n, x in leaves.items() if not finite(x)]
+    if bad:
+        raise DamagedCheckpoint(f"{what} holds non-finite values in {', '.join(bad[:4])}")
+    for rec in recorded or ():
+        x = leaves.get(rec["name"])
+        if x is None:
+            continue  # a partial restore (e.g. parameters only)
+        idx = tuple(slice(a, b) for a, b in rec["index"])
+        if isinstance(x, jax.Array):
+            data = next((np.asarray(sh.data) for sh in x.addressable_shards
+                         if [[s.start or 0, x.shape[d] if s.stop is None else s.stop]
+                             for d, s in enumerate(sh.index)] == rec["index"]), None)
+            if data is None:
+                continue  # another host holds this shard and checks it
+        else:
+            data = np.asarray(x)[idx]
+        if _crc(data) != rec["crc32"]:
+            bad.append(rec["name"] + ("" if len(rec["index"]) == 0 else str(rec["index"])))
+    if bad:
+        raise DamagedCheckpoint(f"{what} is damaged: {len(bad)} array(s) differ from their saved "
+                                f"checksums ({', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''})")
+
+
+def _step_file(workdir, step: int) -> Path:
+    return Path(workdir) / INTEGRITY / f"{step}.p{jax.process_index()}.json"
+
+
+def write_step_checksums(workdir, step: int, state) -> None:
+    """Each process records its shards' checksums for `step`; files of deleted steps go too."""
+    f = _step_file(workdir, step)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps(checksums(state)))
+    tmp.replace(f)
+
+
+def read_step_checksums(workdir, step: int):
+    """Every process's records for `step` (None if the step predates checksums)."""
+    files = sorted((Path(workdir) / INTEGRITY).glob(f"{step}.p*.json"))
+    return [r for f in files for r in json.loads(f.read_text())] if files else None
+
+
+def prune_step_checksums(workdir, keep_steps) -> None:
+    d = Path(workdir) / INTEGRITY
+    for f in d.glob("*.p*.json") if d.is_dir() else ():
+        if int(f.name.split(".")[0]) not in set(keep_steps):
+            f.unlink(missing_ok=True)

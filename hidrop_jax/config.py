@@ -9,10 +9,12 @@ the only reader of ConfigDicts: layers take small frozen dataclasses, the method
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import ml_collections
 
+from hidrop_jax.data.templates import TEMPLATES
 from hidrop_jax.hidrop.schedule import PRESETS, Schedule, preset
 from hidrop_jax.layers.common import INIT_STD
 
@@ -249,6 +251,25 @@ def with_schedule(cfg, name: str, **fields):
     return cfg
 
 
+def apply_schedule(cfg, value: str):
+    """`--schedule VALUE` of evaluate/generate: a preset name, or a JSON file holding the layout
+    fields (`analyze` writes one as schedule.json; its report.json works too)."""
+    if value in PRESETS:
+        return with_schedule(cfg, value)
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"--schedule {value!r} is neither a preset {PRESETS} nor a JSON file")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--schedule {path}: not JSON ({e})") from None
+    d = d.get("proposal", d) if isinstance(d, dict) else {}
+    fields = {k: tuple(d[k]) if isinstance(d[k], list) else d[k] for k in SCHEDULE_FIELDS if k in d}
+    if not fields:
+        raise ValueError(f"--schedule {path}: it holds none of the schedule fields {SCHEDULE_FIELDS}")
+    return with_schedule(cfg, "vanilla", **fields)
+
+
 def resolved(cfg) -> ml_collections.ConfigDict:
     """A copy of `cfg` with every schedule field explicit (what a run or export records: it must
     not change meaning if presets are retuned later)."""
@@ -291,7 +312,41 @@ def train_defaults() -> dict:
         weight_decay=0.0, b1=0.9, b2=0.999, clip=1.0, seed=0,
         mesh=(-1, 1, 1),  # (data, fsdp, tensor); -1 = the remaining devices
         log_every=10, eval_every=200, eval_batches=8, ckpt_every=200, keep_ckpts=3,
-        async_ckpt=True)
+        async_ckpt=True,
+        # a relaunch under another schedule or trainable set is refused unless this is True;
+        # then the change is recorded in the workdir's history.jsonl
+        allow_changes=False)
+
+
+def validate_train(cfg) -> None:
+    """Every training and data field, before anything is built or written: the field, the value
+    and what is allowed."""
+    t, d = cfg.train, cfg.data
+
+    def need(field, ok, allowed):
+        if not ok:
+            value = t[field.split(".")[1]] if field.startswith("train.") else d[field.split(".")[1]]
+            _fail(field, value, allowed)
+    num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    need("train.trainable", t.trainable in TRAINABLE, f"one of {TRAINABLE}")
+    need("train.lr", num(t.lr) and t.lr > 0, "a positive learning rate")
+    for f in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "ckpt_every", "keep_ckpts"):
+        need(f"train.{f}", isinstance(t[f], int) and t[f] > 0, "a positive int")
+    need("train.warmup_steps", isinstance(t.warmup_steps, int) and 0 <= t.warmup_steps < t.steps,
+         f"an int in [0, train.steps = {t.steps})")
+    need("train.eval_batches", isinstance(t.eval_batches, int) and t.eval_batches >= 0, "an int ≥ 0")
+    need("train.end_lr_ratio", num(t.end_lr_ratio) and 0 <= t.end_lr_ratio <= 1, "a float in [0, 1]")
+    need("train.weight_decay", num(t.weight_decay) and t.weight_decay >= 0, "a float ≥ 0")
+    need("train.b1", num(t.b1) and 0 <= t.b1 < 1, "a float in [0, 1)")
+    need("train.b2", num(t.b2) and 0 <= t.b2 < 1, "a float in [0, 1)")
+    need("train.clip", num(t.clip) and t.clip > 0, "a positive float (global-norm clipping)")
+    need("train.batch_size", t.batch_size % t.grad_accum == 0,
+         f"a multiple of train.grad_accum = {t.grad_accum}")
+    need("train.mesh", len(t.mesh) == 3 and all(isinstance(x, int) and (x > 0 or x == -1) for x in t.mesh),
+         "(data, fsdp, tensor): three positive ints, one of them may be -1")
+    need("data.template", d.template in TEMPLATES, f"one of {TEMPLATES}")
+    need("data.max_len", isinstance(d.max_len, int) and d.max_len > 0, "a positive int (text rows)")
+    need("data.num_queries", isinstance(d.num_queries, int) and d.num_queries >= 1, "an int ≥ 1")
 
 
 def data_defaults() -> dict:

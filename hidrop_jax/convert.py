@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hidrop_jax import cli
 from hidrop_jax.atomic import check_out_dir
 from hidrop_jax.checkpoint import (find_tokenizer, load_checkpoint, open_run, save_checkpoint)
 from hidrop_jax.data.tokenizer import load_tokenizer
-from hidrop_jax.hf.load import load_hf, load_hf_vision
+from hidrop_jax.hf.load import load_hf, load_hf_vision, read_run_facts
 from hidrop_jax.hf.mapping import canonical_name, config_from_hf, config_to_hf
 from hidrop_jax.hf.save import DEFAULT_MAX_SHARD_BYTES, save_hf, save_hf_vision
 from hidrop_jax.model import count_params
@@ -37,6 +38,7 @@ def _size(s: str) -> int:
 def import_hf(hf_dir, out_dir, *, overwrite: bool = False) -> None:
     check_out_dir(Path(out_dir).absolute(), overwrite)  # fail before reading weights
     cfg, params = load_hf(hf_dir)
+    read_run_facts(hf_dir, cfg)  # our own export: its schedule and chat template come back
     save_checkpoint(out_dir, cfg, params, tokenizer_dir=find_tokenizer(hf_dir), overwrite=overwrite)
     print(f"imported {count_params(params):,} parameters from {hf_dir} -> {out_dir}")
 
@@ -78,4 +80,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

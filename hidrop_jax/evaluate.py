@@ -17,10 +17,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from hidrop_jax import cli
 from hidrop_jax import sharding as shard_lib
 from hidrop_jax.batch import to_inputs
 from hidrop_jax.checkpoint import load_run
-from hidrop_jax.config import resolved, schedule_of, with_schedule
+from hidrop_jax.config import apply_schedule, resolved, schedule_of
 from hidrop_jax.data import pipeline as data_lib
 from hidrop_jax.data.features import QUESTION_TYPES
 from hidrop_jax.data.setup import open_data
@@ -63,12 +64,13 @@ def main(argv=None):
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--step", type=int, help="the checkpoint step to evaluate (default: latest)")
     ap.add_argument("--split", default="validation")
-    ap.add_argument("--schedule", default="", help="evaluate under another HiDrop preset")
+    ap.add_argument("--schedule", default="", help="evaluate under another HiDrop schedule: a preset "
+                    "name, or a JSON file such as analyze's schedule.json")
     ap.add_argument("--out", default="", help="JSON path (default WORKDIR/eval_SPLIT[_SCHEDULE].json)")
     a = ap.parse_args(argv)
     cfg, params, step = load_run(a.workdir, step=a.step)
     if a.schedule:
-        with_schedule(cfg, a.schedule)
+        apply_schedule(cfg, a.schedule)
     workdir = Path(a.workdir).absolute()
     tok, spec, _, _ = open_data(cfg, workdir)
     src = load_source(cfg.data.name, a.split, cfg.data.data_dir or str(workdir / "data"),
@@ -76,7 +78,8 @@ def main(argv=None):
     mesh = shard_lib.make_mesh(tuple(cfg.train.mesh))
     res = evaluate_params(cfg, params, src, tok, spec, mesh)
     res.update(step=int(step), split=a.split)
-    out = Path(a.out or workdir / f"eval_{a.split}{'_' + a.schedule if a.schedule else ''}.json")
+    tag = f"_{Path(a.schedule).stem}" if a.schedule else ""
+    out = Path(a.out or workdir / f"eval_{a.split}{tag}.json")
     out.write_text(json.dumps(res, indent=1))
     print(f"step {step} {a.split}: accuracy {res['accuracy']:.4f} over {res['rounds']} answers; "
           + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in res["per_type"].items())
@@ -85,4 +88,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -52,7 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from hidrop_jax.config import n_vision_tokens, schedule_of, with_schedule
+from hidrop_jax import cli
+from hidrop_jax.config import apply_schedule, n_vision_tokens, schedule_of
 from hidrop_jax.hidrop.schedule import PRESETS
 from hidrop_jax.layers.llama import Embedder
 from hidrop_jax.layers.rope import rope_tables
@@ -266,14 +267,11 @@ def generate_hf(cfg, params, input_ids, pixel_values=None, attention_mask=None, 
 # ----------------------------------------------------------------------------- CLI
 
 def _load(args):
-    """(cfg, tokenizer, run) for `--workdir`/`--hf` (any directory `checkpoint.open_run` reads).
-    A HF directory's `hidrop_schedule.json` (written by our export) sets its schedule."""
+    """(cfg, params, tokenizer) for `--workdir`/`--hf` (any directory `checkpoint.open_run`
+    reads; our exports bring back their schedule and chat template)."""
     path = args.hf or args.workdir
     run = open_run(path, step=args.step)
     cfg = run.cfg
-    side = Path(path) / "hidrop_schedule.json"
-    if run.kind == "hf" and side.exists():
-        cfg.hidrop.update(json.loads(side.read_text()))
     tok_dir = find_tokenizer(path, cfg, explicit=args.tokenizer)
     if tok_dir is None:
         raise FileNotFoundError(f"no tokenizer in {Path(path) / 'tokenizer'} or {path}; pass --tokenizer DIR")
@@ -337,7 +335,7 @@ def main(argv=None):
     src.add_argument("--hf", help="a Hugging Face LLaVA directory")
     ap.add_argument("--image", help="an image file (any size: padded to a square and resized)")
     ap.add_argument("--prompt", required=True)
-    ap.add_argument("--schedule", help=f"a HiDrop preset {PRESETS} (default: the "
+    ap.add_argument("--schedule", help=f"a HiDrop preset {PRESETS} or a schedule JSON file (default: the "
                     "checkpoint's, or hidrop_schedule.json beside HF weights, else vanilla)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -348,15 +346,26 @@ def main(argv=None):
     ap.add_argument("--tokenizer", help="tokenizer directory (default: beside the weights)")
     ap.add_argument("--step", type=int, help="a training workdir's step (default: its latest)")
     args = ap.parse_args(argv)
-
+    # arguments first, weights after (loading a 7B model takes minutes)
+    if args.image and not os.path.isfile(args.image):
+        raise FileNotFoundError(f"--image {args.image} does not exist")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be ≥ 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ValueError(f"--temperature {args.temperature} must be ≥ 0 and --top-p {args.top_p} in (0, 1]")
+    if args.schedule and args.schedule not in PRESETS and not os.path.isfile(args.schedule):
+        raise ValueError(f"--schedule {args.schedule!r} is neither a preset {PRESETS} nor a JSON file")
+    if args.tokenizer:
+        find_tokenizer(".", explicit=args.tokenizer)  # fails now if it holds no tokenizer
     cfg, params, tok = _load(args)
     if args.schedule:
-        with_schedule(cfg, args.schedule)
+        apply_schedule(cfg, args.schedule)
     pixels = None
     if args.image:
-        if not os.path.exists(args.image):
-            raise FileNotFoundError(f"--image {args.image} does not exist")
-        pixels = preprocess(Path(args.image).read_bytes(), cfg.model.vision.image_size)
+        try:
+            pixels = preprocess(Path(args.image).read_bytes(), cfg.model.vision.image_size)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--image {args.image} cannot be read as an image ({e})") from None
     template = args.template or ("data" in cfg and cfg.data.get("template")) or "v1"
     inputs = prompt_inputs(cfg, tok, args.prompt, pixels, template)
     params = jax.tree.map(jnp.asarray, params)
@@ -375,4 +384,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

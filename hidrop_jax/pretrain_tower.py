@@ -25,6 +25,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from hidrop_jax import cli
 from hidrop_jax.data import shapes
 from hidrop_jax.data.shapes_vqa import ShapesVqa
 from hidrop_jax.data.image import preprocess
@@ -197,8 +198,6 @@ def pretrain(cfg, out: str, *, steps: int, batch: int, lr: float, min_cover: flo
 
 def main(argv):
     del argv
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity("warning")
     report = pretrain(FLAGS.config, FLAGS.out, steps=FLAGS.steps, batch=FLAGS.batch, lr=FLAGS.lr,
                       min_cover=FLAGS.min_cover, eval_every=FLAGS.eval_every,
                       command=" ".join(["python -m hidrop_jax.pretrain_tower"] + sys.argv[1:]))
@@ -209,7 +208,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
     FLAGS = flags.FLAGS
     config_flags.DEFINE_config_file("config", None, "config file[:args] (its model.vision is trained)")
@@ -220,4 +219,4 @@ if __name__ == "__main__":
     flags.DEFINE_float("min_cover", 0.2, "fraction of a patch an object must cover to label it")
     flags.DEFINE_integer("eval_every", 500, "steps between validation accuracies")
     flags.mark_flags_as_required(["config", "out"])
-    app.run(main)
+    cli.run_absl(main)

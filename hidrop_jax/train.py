@@ -24,9 +24,11 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from hidrop_jax import cli
 from hidrop_jax import sharding as shard_lib
 from hidrop_jax.checkpoint import checkpoint_manager, open_run, restore_state, save_state
-from hidrop_jax.config import TRAINABLE, architecture_diff, resolved, schedule_of
+from hidrop_jax.config import (TRAINABLE, architecture_diff, resolved, schedule_of, upgrade,
+                               validate_train)
 from hidrop_jax.data import pipeline as data_lib
 from hidrop_jax.data.setup import open_data
 from hidrop_jax.evaluate import evaluate_params
@@ -147,6 +149,52 @@ def load_vision(cfg, state, path: str):
     return state
 
 
+def relaunch_changes(cfg, workdir: Path) -> list:
+    """What this launch changes in a workdir that already holds a run, checked before anything
+    is written: another architecture is refused; another schedule or trainable set is refused
+    unless `train.allow_changes` (it is then recorded in history.jsonl)."""
+    f = workdir / "config.json"
+    if not f.exists():
+        return []
+    old = upgrade(ml_collections.ConfigDict(json.loads(f.read_text())))
+    diff = architecture_diff(old.model, cfg.model)
+    if diff:
+        raise ValueError(f"--workdir {workdir} holds a run of another architecture (nothing was "
+                         f"changed): " + "; ".join(diff) + ". Use a new --workdir")
+    before, now = resolved(old), resolved(cfg)
+    changes = [f"hidrop.{k}: {before.hidrop.get(k)!r} -> {now.hidrop.get(k)!r}"
+               for k in sorted(now.hidrop) if k != "name" and before.hidrop.get(k) != now.hidrop.get(k)]
+    if old.train.trainable != cfg.train.trainable:
+        changes.append(f"train.trainable: {old.train.trainable!r} -> {cfg.train.trainable!r}")
+    if changes and not cfg.train.allow_changes:
+        raise ValueError(f"--workdir {workdir} was trained with another schedule or trainable set "
+                         f"(nothing was changed): " + "; ".join(changes) + ". Relaunch with the "
+                         "run's settings, or add --config.train.allow_changes=True to continue "
+                         "under the new ones (recorded in history.jsonl)")
+    return changes
+
+
+def record_launch(cfg, workdir: Path, changes: list) -> None:
+    """config.json = the settings the run continues under; history.jsonl = every launch, so
+    what earlier steps were trained with is never lost."""
+    mgr_dir = workdir / "checkpoints"
+    steps = sorted(int(p.name) for p in mgr_dir.iterdir() if p.name.isdigit()) if mgr_dir.is_dir() else []
+    with open(workdir / "history.jsonl", "a") as h:
+        h.write(json.dumps(dict(time=time.strftime("%Y-%m-%dT%H:%M:%S"), from_step=steps[-1] if steps else 0,
+                                changes=changes, config=resolved(cfg).to_dict()), default=list) + "\n")
+    (workdir / "config.json").write_text(resolved(cfg).to_json(indent=1))
+
+
+def check_answers_fit(cfg, source, tok, spec) -> None:
+    """`data.max_len` must leave room for answers: a first batch without one answer token would
+    train on nothing (loss 0) and evaluate to NaN."""
+    batch = next(data_lib.eval_batches(source, tok, spec, batch_size=min(16, len(source))), None)
+    if batch is not None and not np.asarray(batch["loss_mask"]).any():
+        raise ValueError(f"config field `data.max_len` = {cfg.data.max_len} leaves no answer token in "
+                         f"the first {len(batch['loss_mask'])} training examples (prompts are "
+                         "truncated before their answers); raise it")
+
+
 class Preemption:
     """SIGTERM (what Spot/preemptible TPU VMs and SLURM send before they kill) -> save at a step
     boundary and stop cleanly. With several processes JAX's preemption sync service (started by
@@ -180,16 +228,20 @@ def train(cfg, workdir) -> dict:
     """Runs (or resumes) training; returns the last metrics. On SIGTERM it saves the current
     step and returns early, with `metrics["preempted"]` set."""
     workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
     t = cfg.train
+    validate_train(cfg)
     schedule_of(cfg)  # a bad schedule fails now, not at step 10,000
-    if t.batch_size % t.grad_accum:
-        raise ValueError(f"train.batch_size = {t.batch_size} is not divisible by train.grad_accum = {t.grad_accum}")
+    changes = relaunch_changes(cfg, workdir)  # before anything is written
     mesh = shard_lib.make_mesh(tuple(t.mesh))
+    if t.batch_size % jax.process_count():
+        raise ValueError(f"config field `train.batch_size` = {t.batch_size} is not supported; "
+                         f"allowed: a multiple of the {jax.process_count()} processes")
     lead = jax.process_index() == 0
+    workdir.mkdir(parents=True, exist_ok=True)
     tok, spec, train_src, eval_src = open_data(cfg, workdir)
+    check_answers_fit(cfg, train_src, tok, spec)
     if lead:
-        (workdir / "config.json").write_text(resolved(cfg).to_json(indent=1))
+        record_launch(cfg, workdir, changes)
     tx, lr_sched = make_optimizer(t, abstract_params(cfg))
     state = init_state(cfg, mesh, tx)
     loader = data_lib.make_loader(train_src, tok, spec, global_batch_size=t.batch_size, seed=t.seed)
@@ -305,12 +357,11 @@ def main(argv):
     elif (FLAGS.distributed or os.environ.get("SLURM_NTASKS", "1") != "1"
           or os.environ.get("TPU_WORKER_HOSTNAMES")):
         jax.distributed.initialize()  # auto-detects TPU pods (also plain TPU VMs) and SLURM
-    logging.basicConfig(level=logging.INFO)
     train(cfg, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
     FLAGS = flags.FLAGS
     config_flags.DEFINE_config_file("config", None, "config file[:args]", lock_config=False)
@@ -320,4 +371,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("process_id", 0, "this process's index (with --coordinator)")
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host TPU VMs)")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run_absl(main)

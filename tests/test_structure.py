@@ -13,7 +13,7 @@ PKG = ROOT / "hidrop_jax"
 # module must be placed here (the test names it).
 ORDER = [
     # foundations: layers know nothing of HiDrop; the method knows nothing of models or data
-    ("hidrop_jax.layers", "hidrop_jax.hidrop", "hidrop_jax.atomic", "hidrop_jax.data.features",
+    ("hidrop_jax.layers", "hidrop_jax.hidrop", "hidrop_jax.atomic", "hidrop_jax.cli", "hidrop_jax.data.features",
      "hidrop_jax.data.image", "hidrop_jax.data.templates"),
     ("hidrop_jax.config", "hidrop_jax.batch", "hidrop_jax.metrics", "hidrop_jax.data.shapes",
      "hidrop_jax.data.tokenizer"),

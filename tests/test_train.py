@@ -138,21 +138,41 @@ def test_init_vision_starts_from_a_clip_tower_and_keeps_it_frozen(data_dir, tmp_
         train_lib.train(wide, tmp_path / "wide")
 
 
-def _train_cmd(workdir, data_dir, steps):
+def _train_cmd(workdir, data_dir, steps, ckpt_every=2, *extra):
     return [sys.executable, "-m", "hidrop_jax.train", f"--config={ROOT}/tests/tiny_config.py",
             f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-            f"--config.train.steps={steps}", "--config.train.ckpt_every=2",
-            "--config.train.keep_ckpts=50"]
+            f"--config.train.steps={steps}", f"--config.train.ckpt_every={ckpt_every}",
+            "--config.train.keep_ckpts=50", *extra]
+
+
+STEPS = 16
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+@pytest.fixture(scope="module")
+def reference_run(data_dir, tmp_path_factory):
+    """An uninterrupted run of STEPS steps: what an interrupted and resumed one must equal."""
+    ref = tmp_path_factory.mktemp("ref")
+    subprocess.run(_train_cmd(ref, data_dir, STEPS), check=True, env=ENV, capture_output=True)
+    return load_run(ref)[1]
+
+
+def _steps_saved(run):
+    return sorted(int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit())
+
+
+def _resume_and_compare(run, data_dir, reference_run, kept):
+    subprocess.run(_train_cmd(run, data_dir, STEPS), check=True, env=ENV, capture_output=True)
+    after = _steps_saved(run)
+    assert set(kept) <= set(after) and after[-1] == STEPS  # nothing lost, run completed
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0),
+                 reference_run, load_run(run)[1])
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_matches_uninterrupted(data_dir, tmp_path):
-    steps = 16
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    ref = tmp_path / "ref"
-    subprocess.run(_train_cmd(ref, data_dir, steps), check=True, env=env, capture_output=True)
+def test_sigkill_and_resume_matches_uninterrupted(data_dir, tmp_path, reference_run):
     run = tmp_path / "run"
-    p = subprocess.Popen(_train_cmd(run, data_dir, steps), env=env,
+    p = subprocess.Popen(_train_cmd(run, data_dir, STEPS), env=ENV,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (run / "checkpoints" / "6").exists() and p.poll() is None and time.time() < deadline:
@@ -160,14 +180,32 @@ def test_sigkill_and_resume_matches_uninterrupted(data_dir, tmp_path):
     assert p.poll() is None, "training finished before it could be killed"
     p.send_signal(signal.SIGKILL)
     p.wait()
-    kept = sorted(int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit())
-    assert kept and kept[-1] < steps
-    subprocess.run(_train_cmd(run, data_dir, steps), check=True, env=env, capture_output=True)
-    after = sorted(int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit())
-    assert set(kept) <= set(after) and after[-1] == steps  # nothing lost, run completed
-    _, p_ref, _ = load_run(ref)
-    _, p_run, _ = load_run(run)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), p_ref, p_run)
+    kept = _steps_saved(run)
+    assert kept and kept[-1] < STEPS
+    _resume_and_compare(run, data_dir, reference_run, kept)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_resumes_exactly(data_dir, tmp_path, reference_run):
+    """Preemption (Spot TPU VMs, SLURM send SIGTERM before they kill): the trainer saves the
+    step it is at, newer than the last periodic checkpoint, exits cleanly, and a relaunch
+    reaches the uninterrupted run's parameters."""
+    run = tmp_path / "run"
+    p = subprocess.Popen(_train_cmd(run, data_dir, STEPS, 8, "--config.train.log_every=1"), env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    metrics = run / "metrics.jsonl"
+    while p.poll() is None and time.time() < deadline and not (
+            metrics.exists() and '"step": 9,' in metrics.read_text()):
+        time.sleep(0.02)
+    assert p.poll() is None, "training finished before it could be preempted"
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    kept = _steps_saved(run)
+    assert kept[0] == 8 and 9 <= kept[-1] < STEPS and len(kept) == 2, kept  # periodic 8 + the preempted step
+    assert f"preempted (SIGTERM): saved step {kept[-1]}" in err
+    _resume_and_compare(run, data_dir, reference_run, kept)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):

@@ -19,6 +19,24 @@ from hidrop_jax.hf.mapping import (_V, canonical_name, config_from_hf, expected_
 from hidrop_jax.model import abstract_params
 
 
+# Beside the weights of our exports (HF's LLaVA has no place for them): the HiDrop schedule the
+# model was trained with and its chat template. `read_run_facts` brings them back on import.
+SCHEDULE_FILE = "hidrop_schedule.json"
+DATA_FILE = "hidrop_data.json"
+
+
+def read_run_facts(hf_dir, cfg):
+    """`cfg` (changed in place, returned) with the schedule and chat template an export
+    recorded beside its weights; a directory without them stays vanilla."""
+    d = Path(hf_dir)
+    if (d / SCHEDULE_FILE).is_file():
+        h = json.loads((d / SCHEDULE_FILE).read_text())
+        cfg.hidrop.update({k: tuple(v) if isinstance(v, list) else v for k, v in h.items()})
+    if (d / DATA_FILE).is_file():
+        cfg.data = ml_collections.ConfigDict(json.loads((d / DATA_FILE).read_text()))
+    return cfg
+
+
 def _safetensor_files(hf_dir: Path):
     index = hf_dir / "model.safetensors.index.json"
     if index.exists():

@@ -24,6 +24,7 @@ import numpy as np
 from hidrop_jax.atomic import atomic_dir, check_out_dir
 from hidrop_jax.config import resolved
 from hidrop_jax.data.image import CLIP_MEAN, CLIP_STD
+from hidrop_jax.hf.load import DATA_FILE, SCHEDULE_FILE
 from hidrop_jax.hf.mapping import TABLE, config_to_hf, expected_tensors, to_hf, vision_to_hf
 from hidrop_jax.model import abstract_params
 
@@ -201,7 +202,9 @@ def save_hf(cfg, params, out_dir, tokenizer=None, *, max_shard_bytes: int = DEFA
     with atomic_dir(out, overwrite=overwrite) as tmp:
         _write_weights(tmp, cfg, params, max_shard_bytes)
         if "hidrop" in cfg:
-            (tmp / "hidrop_schedule.json").write_text(resolved(cfg).hidrop.to_json(indent=1) + "\n")
+            (tmp / SCHEDULE_FILE).write_text(resolved(cfg).hidrop.to_json(indent=1) + "\n")
+        if "data" in cfg and cfg.data.get("template"):  # the chat template the model was trained on
+            (tmp / DATA_FILE).write_text(json.dumps(dict(template=cfg.data.template), indent=1) + "\n")
         if tokenizer is not None:
             _write_processor(tmp, cfg, tokenizer, image_token)
         # config.json last: a directory with it is a complete model.
