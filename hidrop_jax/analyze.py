@@ -77,6 +77,7 @@ def _has_tokenizer(d: Path) -> bool:
 def load_model(a):
     """(cfg, params, tokenizer, spec, data_dir, source description) for --workdir / --hf."""
     from hidrop_jax.data import pipeline as data_lib
+    from hidrop_jax.data.sources import data_dir_for
     from hidrop_jax.data.tokenizer import load_tokenizer, shapes_vqa_tokenizer
     if a.workdir:
         from hidrop_jax.evaluate import load_run
@@ -93,7 +94,7 @@ def load_model(a):
             tok = shapes_vqa_tokenizer()
         else:
             raise ValueError(f"{wd} has no tokenizer/ and data.tokenizer is empty: pass --tokenizer")
-        data_dir = a.data_dir or d.data_dir or str(wd / "data")
+        data_dir = data_dir_for(parse_data(a.data)[0], a.data_dir or d.data_dir, wd / "data")
         template, max_len, nq = d.template, d.max_len, d.num_queries
         origin = dict(workdir=str(wd), step=int(step))
     else:
@@ -107,7 +108,7 @@ def load_model(a):
                 f"with the model's own vocabulary ({cfg.model.text.vocab_size} ids); save it "
                 "there or pass --tokenizer DIR")
         tok = load_tokenizer(str(tok_dir))
-        data_dir = a.data_dir or str(Path(a.out) / "data")
+        data_dir = data_dir_for(parse_data(a.data)[0], a.data_dir, Path(a.out) / "data")
         template, max_len, nq = "v1", 128, 4
         origin = dict(hf=str(hf.absolute()))
     if len(tok) > cfg.model.text.vocab_size:

@@ -53,7 +53,9 @@ def main(argv=None):
         cfg.train.update(init_vision="", trainable="all")
     report = {"workdir": str(work), "schedule": cfg.hidrop.to_dict(), "train_config": cfg.train.to_dict()}
     t0 = time.time()
-    print(f"[1/4] dataset {cfg.data.name} -> {work / 'data'} (built once, ~2 min for 22k examples)")
+    from hidrop_jax.data.sources import data_dir_for
+    where = data_dir_for(cfg.data.name, cfg.data.data_dir, work / "data")
+    print(f"[1/4] dataset {cfg.data.name} -> {where} (built once per machine, ~2 min for 22k examples)")
     tok, spec, _, eval_src = train_lib.data_setup(cfg, work)
     report["data_seconds"] = round(time.time() - t0, 1)
 

@@ -174,7 +174,7 @@ def main(argv=None):
     ap.add_argument("--out", default="", help="JSON path (default WORKDIR/eval_SPLIT[_SCHEDULE].json)")
     a = ap.parse_args(argv)
     from hidrop_jax import sharding as shard_lib
-    from hidrop_jax.data.sources import load_source
+    from hidrop_jax.data.sources import data_dir_for, load_source
     from hidrop_jax.hidrop.schedule import hidrop_config
     from hidrop_jax.train import data_setup
     cfg, params, step = load_run(a.workdir)
@@ -184,8 +184,8 @@ def main(argv=None):
                                    selection=cfg.hidrop.selection, positions=cfg.hidrop.positions)
     workdir = Path(a.workdir).absolute()
     tok, spec, _, _ = data_setup(cfg, workdir)
-    src = load_source(cfg.data.name, a.split, cfg.data.data_dir or str(workdir / "data"),
-                      manual_dir=cfg.data.manual_dir or None)
+    data_dir = data_dir_for(cfg.data.name, cfg.data.data_dir, workdir / "data")
+    src = load_source(cfg.data.name, a.split, data_dir, manual_dir=cfg.data.manual_dir or None)
     mesh = shard_lib.make_mesh(tuple(cfg.train.mesh))
     res = evaluate_params(cfg, params, src, tok, spec, mesh)
     res.update(step=int(step), split=a.split)

@@ -189,10 +189,10 @@ def restore(mgr, state, data_iter):
 def data_setup(cfg, workdir: Path):
     """(tokenizer, spec, train source, eval source). The shapes_vqa tokenizer is built from the
     dataset vocabulary and saved in the workdir (export and generation read it there)."""
-    from hidrop_jax.data.sources import load_source
+    from hidrop_jax.data.sources import data_dir_for, load_source
     from hidrop_jax.data.tokenizer import load_tokenizer, shapes_vqa_tokenizer
     d = cfg.data
-    data_dir = d.data_dir or str(workdir / "data")
+    data_dir = data_dir_for(d.name, d.data_dir, workdir / "data")
     tok_dir = workdir / "tokenizer"
     if d.tokenizer:
         tok = load_tokenizer(d.tokenizer)

@@ -29,6 +29,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from hidrop_jax.data.local_builder import LocalBuilder
 from hidrop_jax.data.shapes_vqa import feature_spec
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def strip_placeholder(text: str) -> str:
         "\n" + IMAGE_PLACEHOLDER, "").replace(IMAGE_PLACEHOLDER, "").strip()
 
 
-class LlavaJson(tfds.core.GeneratorBasedBuilder):
+class LlavaJson(LocalBuilder, tfds.core.GeneratorBasedBuilder):
     """LLaVA conversation JSON + images from manual_dir (see module doc)."""
 
     VERSION = tfds.core.Version("1.0.0")

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from hidrop_jax.data import shapes
+from hidrop_jax.data.local_builder import LocalBuilder
 
 _DESCRIPTION = """Synthetic VQA: 336x336 images of 1-5 coloured shapes on a textured background,
 1-3 single-word question/answer rounds per image (color, shape, count, exist, position), a few
@@ -71,7 +72,7 @@ def feature_spec() -> dict:
     }
 
 
-class ShapesVqa(tfds.core.GeneratorBasedBuilder):
+class ShapesVqa(LocalBuilder, tfds.core.GeneratorBasedBuilder):
     """Synthetic shapes VQA (see module doc)."""
 
     VERSION = tfds.core.Version("1.0.0")
