@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from hidrop_jax import checks
 from hidrop_jax.config import n_vision_tokens
 from hidrop_jax.hidrop import schedule as schedule_lib
 from hidrop_jax.layers.llama import Embedder
@@ -191,6 +192,7 @@ def compiled(cfg_json: str, max_new_tokens: int, sample: bool, return_logits: bo
 def check_inputs(cfg, inputs: Inputs, max_new_tokens: int) -> None:
     """Fails on what generation cannot serve, naming the sample and the limit."""
     m = cfg.model
+    checks.check_inputs(m, inputs)
     n = n_vision_tokens(m)
     valid = np.asarray(inputs.text_valid)
     pos = np.asarray(inputs.text_pos)
