@@ -46,7 +46,7 @@ from hidrop_jax import cli
 from hidrop_jax.analysis import plots, probes
 from hidrop_jax.batch import first_query_row, to_inputs
 from hidrop_jax.hidrop import propose as proposal
-from hidrop_jax.data.sources import load_source
+from hidrop_jax.data.sources import data_dir_for, load_source
 from hidrop_jax.data import pipeline as data_lib
 from hidrop_jax.data.tokenizer import load_tokenizer, shapes_vqa_tokenizer
 from hidrop_jax.checkpoint import load_run
@@ -99,7 +99,7 @@ def load_model(a):
             tok = shapes_vqa_tokenizer()
         else:
             raise ValueError(f"{wd} has no tokenizer/ and data.tokenizer is empty: pass --tokenizer")
-        data_dir = a.data_dir or d.data_dir or str(wd / "data")
+        data_dir = data_dir_for(parse_data(a.data)[0], a.data_dir or d.data_dir, wd / "data")
         template, max_len, nq = d.template, d.max_len, d.num_queries
         origin = dict(workdir=str(wd), step=int(step))
     else:
@@ -112,7 +112,7 @@ def load_model(a):
                 f"with the model's own vocabulary ({cfg.model.text.vocab_size} ids); save it "
                 "there or pass --tokenizer DIR")
         tok = load_tokenizer(str(tok_dir))
-        data_dir = a.data_dir or str(Path(a.out) / "data")
+        data_dir = data_dir_for(parse_data(a.data)[0], a.data_dir, Path(a.out) / "data")
         template, max_len, nq = "v1", 128, 4
         origin = dict(hf=str(hf.absolute()))
     if len(tok) > cfg.model.text.vocab_size:

@@ -28,6 +28,7 @@ from hidrop_jax import train as train_lib
 from hidrop_jax.checkpoint import load_run
 from hidrop_jax.config import load_config, schedule_of, with_schedule
 from hidrop_jax.data.setup import open_data
+from hidrop_jax.data.sources import data_dir_for
 from hidrop_jax.hf.save import save_hf
 from hidrop_jax.hf.torch_eval import evaluate_torch
 from hidrop_jax.hidrop.schedule import vision_flops
@@ -58,7 +59,8 @@ def main(argv=None):
         cfg.train.update(init_vision="", trainable="all")
     report = {"workdir": str(work), "schedule": cfg.hidrop.to_dict(), "train_config": cfg.train.to_dict()}
     t0 = time.time()
-    print(f"[1/4] dataset {cfg.data.name} -> {work / 'data'} (built once, ~2 min for 22k examples)")
+    where = data_dir_for(cfg.data.name, cfg.data.data_dir, work / "data")
+    print(f"[1/4] dataset {cfg.data.name} -> {where} (built once per machine, ~2 min for 22k examples)")
     tok, spec, _, eval_src = open_data(cfg, work)
     report["data_seconds"] = round(time.time() - t0, 1)
 

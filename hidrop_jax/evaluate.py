@@ -25,7 +25,7 @@ from hidrop_jax.config import apply_schedule, resolved, schedule_of
 from hidrop_jax.data import pipeline as data_lib
 from hidrop_jax.data.features import QUESTION_TYPES
 from hidrop_jax.data.setup import open_data
-from hidrop_jax.data.sources import load_source
+from hidrop_jax.data.sources import data_dir_for, load_source
 from hidrop_jax.metrics import round_results, summarize, tally
 from hidrop_jax.model import forward
 
@@ -73,8 +73,8 @@ def main(argv=None):
         apply_schedule(cfg, a.schedule)
     workdir = Path(a.workdir).absolute()
     tok, spec, _, _ = open_data(cfg, workdir)
-    src = load_source(cfg.data.name, a.split, cfg.data.data_dir or str(workdir / "data"),
-                      manual_dir=cfg.data.manual_dir or None)
+    data_dir = data_dir_for(cfg.data.name, cfg.data.data_dir, workdir / "data")
+    src = load_source(cfg.data.name, a.split, data_dir, manual_dir=cfg.data.manual_dir or None)
     mesh = shard_lib.make_mesh(tuple(cfg.train.mesh))
     res = evaluate_params(cfg, params, src, tok, spec, mesh)
     res.update(step=int(step), split=a.split)

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from hidrop_jax import cli
+from hidrop_jax import checks, cli
 from hidrop_jax.config import apply_schedule, n_vision_tokens, schedule_of
 from hidrop_jax.hidrop.schedule import PRESETS
 from hidrop_jax.layers.llama import Embedder
@@ -196,6 +196,7 @@ def compiled(cfg_json: str, max_new_tokens: int, sample: bool, return_logits: bo
 def check_inputs(cfg, inputs: Inputs, max_new_tokens: int) -> None:
     """Fails on what generation cannot serve, naming the sample and the limit."""
     m = cfg.model
+    checks.check_inputs(m, inputs)
     n = n_vision_tokens(m)
     valid = np.asarray(inputs.text_valid)
     pos = np.asarray(inputs.text_pos)

@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from hidrop_jax.data.features import encode_jpeg, feature_spec
+from hidrop_jax.data.local_builder import LocalBuilder
 
 log = logging.getLogger(__name__)
 IMAGE_PLACEHOLDER = "<image>"
@@ -103,7 +104,7 @@ def strip_placeholder(text: str) -> str:
         "\n" + IMAGE_PLACEHOLDER, "").replace(IMAGE_PLACEHOLDER, "").strip()
 
 
-class LlavaJson(tfds.core.GeneratorBasedBuilder):
+class LlavaJson(LocalBuilder, tfds.core.GeneratorBasedBuilder):
     """LLaVA conversation JSON + images from manual_dir (see module doc)."""
 
     VERSION = tfds.core.Version("1.0.0")

@@ -14,14 +14,14 @@ import jax
 
 from hidrop_jax.checkpoint import copy_tokenizer, find_tokenizer
 from hidrop_jax.data.pipeline import TextImageSpec
-from hidrop_jax.data.sources import load_source
+from hidrop_jax.data.sources import data_dir_for, load_source
 from hidrop_jax.data.tokenizer import load_tokenizer, shapes_vqa_tokenizer
 
 
 def open_data(cfg, workdir):
     """(tokenizer, spec, train source, eval source) for `cfg.data` and `cfg.model`."""
     d, workdir = cfg.data, Path(workdir)
-    data_dir = d.data_dir or str(workdir / "data")
+    data_dir = data_dir_for(d.name, d.data_dir, workdir / "data")
     tok_dir = workdir / "tokenizer"
     lead = jax.process_index() == 0
     init_from = cfg.train.get("init_from") if "train" in cfg else None

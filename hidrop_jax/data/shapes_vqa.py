@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 
 from hidrop_jax.data import shapes
 from hidrop_jax.data.features import QUESTION_TYPES, feature_spec
+from hidrop_jax.data.local_builder import LocalBuilder
 
 _DESCRIPTION = """Synthetic VQA: 336x336 images of 1-5 coloured shapes on a textured background,
 1-3 single-word question/answer rounds per image (color, shape, count, exist, position), a few
@@ -57,7 +58,7 @@ def shapes_config(train: int = 20_000, validation: int = 1_000, test: int = 1_00
                            description=f"{train}/{validation}/{test} examples, seed {seed}")
 
 
-class ShapesVqa(tfds.core.GeneratorBasedBuilder):
+class ShapesVqa(LocalBuilder, tfds.core.GeneratorBasedBuilder):
     """Synthetic shapes VQA (see module doc)."""
 
     VERSION = tfds.core.Version("1.0.0")

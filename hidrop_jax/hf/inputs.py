@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hidrop_jax.batch import Inputs
+from hidrop_jax.checks import check_hf_batch
 from hidrop_jax.config import n_vision_tokens
 
 
@@ -19,15 +20,11 @@ def hf_to_inputs(m, input_ids, pixel_values=None, attention_mask=None) -> tuple[
 
     Positions follow HF generation: cumsum(attention_mask) − 1, so left and right padding give
     the same result. `pixel_values` is NCHW or NHWC with one row per sample, or one row per
-    sample that has an image (HF's convention for a mixed batch).
+    sample that has an image (HF's convention for a mixed batch). Bad input (ids outside the
+    vocabulary, pixels without image tokens, ragged rows, ...) fails first: `checks.check_hf_batch`.
     """
-    ids = np.asarray(input_ids)
-    if ids.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, length]; got shape {ids.shape}")
+    ids, mask, pixel_values = check_hf_batch(m, input_ids, pixel_values, attention_mask)
     bsz, length = ids.shape
-    mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
     n = n_vision_tokens(m)
     is_img = (ids == m.image_token_id) & mask
     counts = is_img.sum(1)
@@ -67,8 +64,6 @@ def hf_to_inputs(m, input_ids, pixel_values=None, attention_mask=None) -> tuple[
 
 def _pixels_nhwc(m, pixel_values, has_image):
     v = m.vision
-    if pixel_values is None:
-        raise ValueError("input_ids contain image tokens but pixel_values is None")
     px = np.asarray(pixel_values, np.float32)
     want = (v.image_size, v.image_size)
     if px.ndim != 4:
