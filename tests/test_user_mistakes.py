@@ -174,6 +174,16 @@ def test_generate_checks_arguments_before_loading(run, tmp_path):
     _one_line_error(r, "nothing")
 
 
+def test_truncated_safetensors_names_the_file(tmp_path):
+    from hf_tiny import make_hf_llava
+    make_hf_llava(tmp_path / "hf")
+    f = tmp_path / "hf" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    r = _run("hidrop_jax.convert", "import-hf", str(tmp_path / "hf"), str(tmp_path / "ck"))
+    _one_line_error(r, str(f), "not a readable safetensors file")
+    assert not (tmp_path / "ck").exists()
+
+
 def test_evaluate_takes_a_schedule_file(run, tmp_path):
     (tmp_path / "s.json").write_text(json.dumps(dict(inject_layer=1, prune_after=[1], keep=[3], exit_layer=3)))
     r = _run("hidrop_jax.evaluate", f"--workdir={run}", f"--schedule={tmp_path / 's.json'}",

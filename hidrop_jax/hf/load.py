@@ -53,11 +53,14 @@ def _safetensor_files(hf_dir: Path):
 
 def _read_tensors(files):
     """Yields (name, float32 numpy array); bf16/fp16 files are widened (we keep fp32 masters)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     for f in files:
-        with safe_open(str(f), framework="flax") as st:
-            for name in st.keys():
-                yield name, np.asarray(st.get_tensor(name), dtype=np.float32)
+        try:
+            with safe_open(str(f), framework="flax") as st:
+                for name in st.keys():
+                    yield name, np.asarray(st.get_tensor(name), dtype=np.float32)
+        except (SafetensorError, OSError) as e:  # truncated or not a safetensors file
+            raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
 
 
 def _set(tree: dict, path: str, value):
