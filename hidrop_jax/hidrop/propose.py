@@ -282,3 +282,16 @@ def config_flags(s: Schedule) -> str:
     return (f"--config.hidrop.inject_layer={s.inject_layer} "
             f"--config.hidrop.prune_after={tup(s.prune_after)} "
             f"--config.hidrop.keep={tup(s.keep)} --config.hidrop.exit_layer={s.exit}")
+
+
+# The rules in one line each, cited in every report.
+RULES = dict(
+    inject_layer="earliest interior local minimum of the vision intra-modal curve whose dip depth "
+                 "(prominence) is ≥ min_prominence × the deepest; none: 0",
+    exit_layer="earliest e whose probe loss stays ≤ (1 + tolerance) × baseline for all e' ≥ e "
+               "(L = no early exit); at least inject + 2",
+    prune_after="ILVAS (mean over n) local maxima l in [inject+1, exit−1], the max_cuts highest; "
+                "cut after l − 1 (the cut after p scores with layer p + 1's attention)",
+    keep="geometric k_i = k_1·r^(i−1) ending at 1 (tail end raised only if needed for a concave "
+         "profile or the budget), k_1 by bisection: mean tokens/layer within 1 of the budget",
+)
