@@ -76,7 +76,7 @@ def _copy(run, tmp_path):
     ("--config.train.warmup_steps=500", ["train.warmup_steps", "500"]),
     ("--config.train.clip=0.0", ["train.clip"]),
     ("--config.data.template=v2", ["data.template", "'v2'", "v1_nosys"]),
-    ("--config.hidrop.keep=(999,1)", ["hidrop.keep[0] = 999"]),
+    ("--config.hidrop.keep=(999,)", ["hidrop.keep[0] = 999"]),
 ])
 def test_nonsense_training_config_is_one_line(tmp_path, data_dir, override, needles):
     r = _train(tmp_path / "wd", data_dir, override, rc=None)
