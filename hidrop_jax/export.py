@@ -11,6 +11,8 @@ What is written: `config.json`, `model.safetensors` (or `model-0000k-of-0000n.sa
 `model.safetensors.index.json` above `max_shard_bytes`), `hidrop_schedule.json` (`cfg.hidrop`:
 HF's LLaVA runs all vision tokens, the schedule travels beside it), and with a tokenizer also the
 tokenizer files, `preprocessor_config.json` (CLIP) and `processor_config.json` (LlavaProcessor).
+A non-vanilla schedule also brings `modeling_hidrop_llava.py` and an `auto_map` (`hf.remote_code`:
+transformers runs the schedule with `trust_remote_code=True`); `--no-hidrop-code` leaves them out.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import jax
 import numpy as np
 
 from hidrop_jax.convert import TABLE, to_hf, config_to_hf, expected_tensors
+from hidrop_jax.hf.remote_code import add_hidrop_code
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # OpenAI CLIP (what LLaVA-1.5 uses)
@@ -198,10 +201,12 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
 
 
 def save_hf(cfg, params, out_dir, tokenizer=None, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-            overwrite: bool = False) -> Path:
+            overwrite: bool = False, hidrop_code: bool = True) -> Path:
     """Writes a HF LLaVA directory for (cfg, params); returns its path. `tokenizer` (a
     `PreTrainedTokenizerBase` whose vocabulary holds `cfg.model.image_token_id`) adds the
-    tokenizer, a CLIP image processor and a LlavaProcessor, so `AutoProcessor` loads."""
+    tokenizer, a CLIP image processor and a LlavaProcessor, so `AutoProcessor` loads.
+    `hidrop_code`: with a non-vanilla schedule, also the HiDrop modeling file + `auto_map`
+    (`hf.remote_code`), so transformers runs the schedule with `trust_remote_code=True`."""
     out = Path(out_dir).absolute()
     _check_out_dir(out, overwrite)
     check_params(cfg, params)
@@ -217,7 +222,8 @@ def save_hf(cfg, params, out_dir, tokenizer=None, *, max_shard_bytes: int = DEFA
         if tokenizer is not None:
             _write_processor(tmp, cfg, tokenizer, image_token)
         # config.json last: a directory with it is a complete model.
-        (tmp / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
+        conf = add_hidrop_code(tmp, cfg, hf_config(cfg)) if hidrop_code else hf_config(cfg)
+        (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
         os.chmod(tmp, 0o777 & ~_umask())
         _check_out_dir(out, overwrite)  # it may have appeared meanwhile
         old = None
@@ -262,6 +268,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-shard-size", type=_size, default=DEFAULT_MAX_SHARD_BYTES,
                    help="shard above this many bytes (e.g. 2GB, 500MB); default 2GB")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    p.add_argument("--no-hidrop-code", dest="hidrop_code", action="store_false",
+                   help="leave out the HiDrop modeling file and auto_map (vanilla LLaVA only)")
 
 
 def run_cli(args) -> None:
@@ -274,6 +282,6 @@ def run_cli(args) -> None:
     _check_out_dir(Path(args.out_dir).absolute(), args.overwrite)  # fail before reading weights
     cfg, params = load_checkpoint(args.ckpt_dir, check_shapes=False)
     out = save_hf(cfg, params, args.out_dir, tokenizer, max_shard_bytes=args.max_shard_size,
-                  overwrite=args.overwrite)
+                  overwrite=args.overwrite, hidrop_code=args.hidrop_code)
     from hidrop_jax.model import count_params
     print(f"exported {count_params(params):,} parameters from {args.ckpt_dir} -> {out}")
