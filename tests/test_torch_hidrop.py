@@ -232,6 +232,7 @@ print("ok")
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
+@pytest.mark.slow  # builds a small dataset
 def test_evaluate_torch_runs_the_trained_schedule(tmp_path):
     """`evaluate_torch(hidrop=True)` (what `make demo` adds) scores the export under its schedule
     with the batch's query rows, as `evaluate_params` does: same logits on a real batch (rounds

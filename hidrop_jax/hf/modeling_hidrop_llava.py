@@ -136,6 +136,13 @@ class _Tokens:
 
     def __init__(self, h, src, pos, valid, vis):
         self.h, self.src, self.pos, self.valid, self.vis = h, src, pos, valid, vis
+        self._mask = None
+
+    def mask(self):
+        """The layers' attention mask over these tokens (built once per stage)."""
+        if self._mask is None:
+            self._mask = _additive_mask(self.pos, self.pos, self.valid, self.h.dtype)
+        return self._mask
 
     def select(self, keep):
         order, ok = _compact(keep)
@@ -261,8 +268,7 @@ class HiDropLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def _hidrop_run_layer(self, layer_idx, tokens, rope, cache):
         layer = self.model.language_model.layers[layer_idx]
-        mask = _additive_mask(tokens.pos, tokens.pos, tokens.valid, tokens.h.dtype)
-        out = layer(tokens.h, attention_mask=mask, position_embeddings=rope, cache=cache,
+        out = layer(tokens.h, attention_mask=tokens.mask(), position_embeddings=rope, cache=cache,
                     use_cache=cache is not None)
         tokens.h = out[0] if isinstance(out, tuple) else out
         if cache is not None:
@@ -371,11 +377,16 @@ class HiDropLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         pos = position_ids[:, -q:]
         valid = attention_mask[:, -q:].bool()
         rope = lm.rotary_emb(x, position_ids=pos)
+        stages = {}  # the layers of a stage share their bookkeeping tensors: extend them once
         for layer_idx, layer in enumerate(lm.layers):
-            k_pos = torch.cat([cache.hidrop_positions[layer_idx], pos], 1)
-            k_valid = torch.cat([cache.hidrop_valid[layer_idx], valid], 1)
-            out = layer(x, attention_mask=_additive_mask(pos, k_pos, k_valid, x.dtype),
-                        position_embeddings=rope, cache=cache, use_cache=True)
+            old = cache.hidrop_positions[layer_idx]
+            if id(old) not in stages:
+                k_pos = torch.cat([old, pos], 1)
+                k_valid = torch.cat([cache.hidrop_valid[layer_idx], valid], 1)
+                # (holding `old` keeps its id from being reused within this loop)
+                stages[id(old)] = (old, k_pos, k_valid, _additive_mask(pos, k_pos, k_valid, x.dtype))
+            _, k_pos, k_valid, mask = stages[id(old)]
+            out = layer(x, attention_mask=mask, position_embeddings=rope, cache=cache, use_cache=True)
             x = out[0] if isinstance(out, tuple) else out
             cache.hidrop_positions[layer_idx], cache.hidrop_valid[layer_idx] = k_pos, k_valid
         return x
