@@ -7,11 +7,13 @@ The model of `benchmarks/speed.py` (LLaVA-1.5 proportions where they matter: 32 
 with `save_hf` under Tok64 and loaded with `AutoModelForImageTextToText(...,
 trust_remote_code=True)`; each schedule is then set on that one model
 (`set_hidrop_schedule`; vanilla is transformers' own LLaVA forward), so every row runs the same
-weights, in one process, on the same threads:
+weights, in one process, on the same threads, round-robin (each call of each schedule in turn):
 
 * prefill: one prompt (batch 1, T text tokens, the image after 8 of them), a forward that fills
-  HF's cache as `generate` does (logits of the last token only), median seconds;
-* decode: greedy tokens per second after the prefill, (N − 1) / [t(generate N) − t(generate 1)];
+  HF's cache as `generate` does (logits of the last token only), median of `--repeats`;
+* decode: greedy tokens per second after the prefill: 1 / the median time of one new token's
+  forward against that cache (`--new-tokens` steps; `generate`'s own per-step Python bookkeeping
+  excluded, the same for every schedule);
 * KV cache: keys held over all layers after the prefill (what each decoded token attends to).
 
 The machine is shared: read the ratios, measured side by side; absolute times describe this CPU.
@@ -47,16 +49,6 @@ def _speed_module():
     return mod
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def prompt(cfg, text_len: int, seed: int = 0):
     """HF-style batch of 1: 8 text tokens, the 576 image tokens, the rest of the text."""
     import torch
@@ -68,31 +60,63 @@ def prompt(cfg, text_len: int, seed: int = 0):
     return torch.tensor(ids), torch.ones(ids.shape, dtype=torch.long), torch.tensor(px)
 
 
-def measure(model, name: str, cfg, ids, mask, px, a) -> dict:
-    import torch
-    s = schedule_lib.preset(name, cfg.model.text.num_layers, 576)
+def set_schedule(model, name: str, num_layers: int):
+    s = schedule_lib.preset(name, num_layers, 576)
     model.set_hidrop_schedule(None if name == "vanilla" else dict(
         inject_layer=s.inject_layer, prune_after=list(s.prune_after), keep=list(s.keep),
         exit_layer=s.exit_layer))
     assert model.vision_tokens_per_layer() == s.tokens_per_layer()
+    return s
+
+
+def measure(model, names, cfg, ids, mask, px, a) -> list:
+    """Round-robin over the schedules (one model, its schedule switched before every call), so
+    each sees the same share of the shared machine's load."""
+    import torch
+    L = cfg.model.text.num_layers
 
     def prefill():
         with torch.no_grad():
             return model(input_ids=ids, attention_mask=mask, pixel_values=px, use_cache=True,
                          logits_to_keep=1)
 
-    def gen(n):
+    def step(state):
+        cache, tok, m = state
+        m = torch.cat([m, torch.ones_like(tok)], 1)
         with torch.no_grad():
-            return model.generate(input_ids=ids, attention_mask=mask, pixel_values=px,
-                                  max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            out = model(input_ids=tok, attention_mask=m, position_ids=m.sum(1, keepdim=True) - 1,
+                        cache=cache, use_cache=True)
+        return out.cache, out.logits[:, -1].argmax(-1, keepdim=True), m
 
-    prefill_s = timed(prefill, a.repeats)
-    cache = prefill().cache
-    keys = sum(layer.keys.shape[2] for layer in cache.layers)
-    gen_s = {n: timed(lambda: gen(n), max(1, a.repeats // 2)) for n in (1, a.new_tokens)}
-    decode_s = (gen_s[a.new_tokens] - gen_s[1]) / (a.new_tokens - 1)
-    return dict(schedule=name, mean_vision_tokens=s.mean_tokens(), prefill_s=prefill_s,
-                decode_tokens_per_s=1.0 / max(decode_s, 1e-9), cache_keys=keys)
+    rows = {n: dict(schedule=n, mean_vision_tokens=set_schedule(model, n, L).mean_tokens(),
+                    prefill=[], decode=[]) for n in names}
+    states = {}
+    for r in range(a.repeats + 1):  # round 0: warm-up
+        for n in names:
+            set_schedule(model, n, L)
+            t0 = time.perf_counter()
+            out = prefill()
+            if r:
+                rows[n]["prefill"].append(time.perf_counter() - t0)
+            else:
+                rows[n]["cache_keys"] = sum(layer.keys.shape[2] for layer in out.cache.layers)
+                states[n] = (out.cache, out.logits[:, -1].argmax(-1, keepdim=True), mask)
+    for i in range(a.new_tokens):
+        for n in names:
+            set_schedule(model, n, L)
+            t0 = time.perf_counter()
+            states[n] = step(states[n])
+            if i:
+                rows[n]["decode"].append(time.perf_counter() - t0)
+    out = []
+    for n in names:
+        r = rows[n]
+        out.append(dict(schedule=n, mean_vision_tokens=r["mean_vision_tokens"],
+                        prefill_s=statistics.median(r["prefill"]),
+                        decode_step_s=statistics.median(r["decode"]),
+                        decode_tokens_per_s=1.0 / statistics.median(r["decode"]),
+                        cache_keys=r["cache_keys"]))
+    return out
 
 
 def table(res) -> str:
@@ -120,7 +144,8 @@ def main(argv=None):
     ap.add_argument("--text-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared, "
+                    "oversubscribed CPU two threads ran a matmul 4x slower than one)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "torch_hidrop.json"))
     a = ap.parse_args(argv)
     import torch
@@ -137,11 +162,7 @@ def main(argv=None):
         out = save_hf(cfg, params, os.path.join(tmp, "hf"))
         model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True).eval()
     ids, mask, px = prompt(cfg, a.text_len)
-    rows = []
-    for name in a.schedules.split(","):
-        rows.append(measure(model, name, cfg, ids, mask, px, a))
-        print(f"  {name}: prefill {rows[-1]['prefill_s']:.4f} s, decode "
-              f"{rows[-1]['decode_tokens_per_s']:.1f} tok/s", flush=True)
+    rows = measure(model, a.schedules.split(","), cfg, ids, mask, px, a)
     res = dict(width=a.width, text_len=a.text_len, repeats=a.repeats, new_tokens=a.new_tokens,
                threads=torch.get_num_threads(), torch_version=torch.__version__,
                transformers_version=transformers.__version__, cpu_count=os.cpu_count(),
