@@ -11,6 +11,8 @@ What is written: `config.json`, `model.safetensors` (or `model-0000k-of-0000n.sa
 `model.safetensors.index.json` above `max_shard_bytes`), `hidrop_schedule.json` (`cfg.hidrop`:
 HF's LLaVA runs all vision tokens, the schedule travels beside it), and with a tokenizer also the
 tokenizer files, `preprocessor_config.json` (CLIP) and `processor_config.json` (LlavaProcessor).
+A non-vanilla schedule also brings `modeling_hidrop_llava.py` and an `auto_map` (`hf.remote_code`:
+transformers runs the schedule with `trust_remote_code=True`); `--no-hidrop-code` leaves them out.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from hidrop_jax.data.image import CLIP_MEAN, CLIP_STD
 from hidrop_jax.hf.load import DATA_FILE, SCHEDULE_FILE
 from hidrop_jax.hf.mapping import TABLE, config_to_hf, expected_tensors, to_hf, vision_to_hf
 from hidrop_jax.model import abstract_params
+from hidrop_jax.hf.remote_code import add_hidrop_code
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 _DTYPE = np.float32  # we keep fp32 masters; HF loads fp32 and casts on request
@@ -189,10 +192,12 @@ def _edit_json(path: Path, edit) -> None:
 
 
 def save_hf(cfg, params, out_dir, tokenizer=None, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-            overwrite: bool = False) -> Path:
+            overwrite: bool = False, hidrop_code: bool = True) -> Path:
     """Writes a HF LLaVA directory for (cfg, params); returns its path. `tokenizer` (a
     `PreTrainedTokenizerBase` whose vocabulary holds `cfg.model.image_token_id`) adds the
-    tokenizer, a CLIP image processor and a LlavaProcessor, so `AutoProcessor` loads."""
+    tokenizer, a CLIP image processor and a LlavaProcessor, so `AutoProcessor` loads.
+    `hidrop_code`: with a non-vanilla schedule, also the HiDrop modeling file + `auto_map`
+    (`hf.remote_code`), so transformers runs the schedule with `trust_remote_code=True`."""
     out = Path(out_dir).absolute()
     check_out_dir(out, overwrite)
     check_params(cfg, params)
@@ -208,7 +213,8 @@ def save_hf(cfg, params, out_dir, tokenizer=None, *, max_shard_bytes: int = DEFA
         if tokenizer is not None:
             _write_processor(tmp, cfg, tokenizer, image_token)
         # config.json last: a directory with it is a complete model.
-        (tmp / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
+        conf = add_hidrop_code(tmp, cfg, hf_config(cfg)) if hidrop_code else hf_config(cfg)
+        (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
     return out
 
 
