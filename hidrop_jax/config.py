@@ -66,6 +66,10 @@ def _fail(field: str, value, allowed: str):
 
 def validate_model(m: ml_collections.ConfigDict) -> None:
     """Fails naming the field, the value and what is allowed."""
+    from hidrop_jax.families import family_name
+    if family_name(m) == "qwen2_5_vl":
+        from hidrop_jax.families import qwen2_5_vl
+        return qwen2_5_vl.validate(m)
     v, t = m.vision, m.text
     if v.hidden_act not in VISION_ACTS:
         _fail("model.vision.hidden_act", v.hidden_act, f"one of {VISION_ACTS}")
@@ -112,6 +116,9 @@ def feature_layers_run(m: ml_collections.ConfigDict) -> int:
 
 def n_vision_tokens(m: ml_collections.ConfigDict) -> int:
     """Vision tokens per image fed to the LLM (CLS dropped for strategy `default`)."""
+    if m.get("family", "llava") == "qwen2_5_vl":
+        from hidrop_jax.families import qwen2_5_vl
+        return qwen2_5_vl.n_vision_tokens(m)
     n = (m.vision.image_size // m.vision.patch_size) ** 2
     return n if m.select_strategy == "default" else n + 1
 

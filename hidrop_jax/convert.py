@@ -130,7 +130,7 @@ def vision_to_hf(v) -> dict:
 def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
     """Our config (`cfg.model`, `cfg.hidrop` = vanilla) from a LLaVA `config.json` dict."""
     if hf.get("model_type") != "llava":
-        _unsupported("model_type", hf.get("model_type"), "'llava'")
+        _unsupported("model_type", hf.get("model_type"), "'llava' (or 'qwen2_5_vl' through load_hf)")
     v, t = hf.get("vision_config", {}), hf.get("text_config", {})
     if v.get("model_type", "clip_vision_model") != "clip_vision_model":
         _unsupported("vision_config.model_type", v.get("model_type"), "'clip_vision_model'")
@@ -233,13 +233,19 @@ def params_from_tensors(cfg, tensors, *, group: str | None = None,
     """Maps (name, array) pairs to our parameter tree; every problem is named in one error.
     With `group` ('vision', ...) only that part of the model is expected; names for which
     `ignore` (of the canonical name) is true are skipped."""
+    import sys
+
+    from hidrop_jax.families import family_name
     from hidrop_jax.model import abstract_params
-    want = {n: w for n, w in expected_tensors(cfg).items() if group is None or w[0].startswith(group + "/")}
+    mp = sys.modules[__name__]  # the family's table: this module's (LLaVA) or convert_qwen's
+    if family_name(cfg.model) == "qwen2_5_vl":
+        from hidrop_jax import convert_qwen as mp
+    want = {n: w for n, w in mp.expected_tensors(cfg).items() if group is None or w[0].startswith(group + "/")}
     shapes = {"/".join(str(k.key) for k in path): leaf.shape
               for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]}
     seen, errors, stacks, params = set(), [], {}, {}
     for raw, arr in tensors:
-        name = canonical_name(raw)
+        name = mp.canonical_name(raw)
         if name not in want:
             if ignore(name):
                 continue
@@ -247,10 +253,10 @@ def params_from_tensors(cfg, tensors, *, group: str | None = None,
             continue
         path, layer, kind = want[name]
         seen.add(name)
-        value = to_ours(kind, arr)
+        value = mp.to_ours(kind, arr)
         target = shapes[path][1:] if layer is not None else shapes[path]
         if value.shape != tuple(target):
-            hf_shape = tuple(to_hf(kind, np.empty(target, np.int8)).shape)
+            hf_shape = tuple(mp.to_hf(kind, np.empty(target, np.int8)).shape)
             errors.append(f"tensor {raw!r} has shape {tuple(arr.shape)}, expected {hf_shape}")
             continue
         if layer is None:
@@ -265,13 +271,19 @@ def params_from_tensors(cfg, tensors, *, group: str | None = None,
     return params
 
 
-def load_hf(hf_dir) -> tuple[ml_collections.ConfigDict, dict]:
-    """(cfg, params) from a HF LLaVA directory (config.json + safetensors, sharded or not)."""
+def load_hf(hf_dir, **kw) -> tuple[ml_collections.ConfigDict, dict]:
+    """(cfg, params) from a HF LLaVA or Qwen2.5-VL directory (config.json + safetensors, sharded
+    or not); the family comes from config.json's `model_type` (Qwen: `kw` = image_size, see
+    `convert_qwen.load_hf`)."""
     hf_dir = Path(hf_dir)
     cfg_file = hf_dir / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{cfg_file} does not exist (expected a Hugging Face model directory)")
-    cfg = config_from_hf(json.loads(cfg_file.read_text()))
+    hf = json.loads(cfg_file.read_text())
+    if hf.get("model_type") == "qwen2_5_vl":
+        from hidrop_jax import convert_qwen
+        return convert_qwen.load_hf(hf_dir, **kw)
+    cfg = config_from_hf(hf)
     params = params_from_tensors(cfg, _read_tensors(_safetensor_files(hf_dir)))
     return cfg, jax.tree.map(np.asarray, params)
 
