@@ -78,10 +78,14 @@ def canonical_name(name: str) -> str:
 
 
 def to_ours(kind: str, a: np.ndarray) -> np.ndarray:
+    if kind.startswith("conv3d"):  # Conv3d with stride = kernel on flattened patches: a matmul
+        return a.reshape(a.shape[0], -1).T
     return {"linear": lambda x: x.T, "conv": lambda x: x.transpose(2, 3, 1, 0), "copy": lambda x: x}[kind](a)
 
 
 def to_hf(kind: str, a: np.ndarray) -> np.ndarray:
+    if kind.startswith("conv3d"):  # "conv3d:C,T,P,P" carries the kernel's shape [O, C, T, P, P]
+        return a.T.reshape(a.shape[-1], *(int(x) for x in kind.split(":")[1].split(",")))
     return {"linear": lambda x: x.T, "conv": lambda x: x.transpose(3, 2, 0, 1), "copy": lambda x: x}[kind](a)
 
 

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from hidrop_jax.config import initializer_range
+from hidrop_jax.convert import to_hf, to_ours  # noqa: F401  (the shared transforms, incl. conv3d)
 from hidrop_jax.families import qwen2_5_vl as family
 from hidrop_jax.hidrop.schedule import hidrop_config
 
@@ -55,18 +56,6 @@ def canonical_name(name: str) -> str:
     for pat, rep in _ALIASES:
         name = re.sub(pat, rep, name)
     return name
-
-
-def to_ours(kind: str, a: np.ndarray) -> np.ndarray:
-    if kind.startswith("conv3d"):
-        return a.reshape(a.shape[0], -1).T
-    return {"linear": lambda x: x.T, "copy": lambda x: x}[kind](a)
-
-
-def to_hf(kind: str, a: np.ndarray) -> np.ndarray:
-    if kind.startswith("conv3d"):  # "conv3d:C,T,P,P" carries the kernel's shape
-        return a.T.reshape(a.shape[-1], *(int(x) for x in kind.split(":")[1].split(",")))
-    return {"linear": lambda x: x.T, "copy": lambda x: x}[kind](a)
 
 
 def expected_tensors(cfg):

@@ -202,6 +202,13 @@ def save_hf(cfg, params, out_dir, tokenizer=None, *, max_shard_bytes: int = DEFA
     """Writes a HF LLaVA directory for (cfg, params); returns its path. `tokenizer` (a
     `PreTrainedTokenizerBase` whose vocabulary holds `cfg.model.image_token_id`) adds the
     tokenizer, a CLIP image processor and a LlavaProcessor, so `AutoProcessor` loads."""
+    from hidrop_jax.families import family_name
+    if family_name(cfg.model) == "qwen2_5_vl":  # its own table and config (no tokenizer yet)
+        from hidrop_jax import convert_qwen
+        if tokenizer is not None:
+            raise NotImplementedError("save_hf for Qwen2.5-VL writes no tokenizer/processor yet")
+        _check_out_dir(Path(out_dir).absolute(), overwrite)
+        return convert_qwen.save_hf(cfg, params, out_dir)
     out = Path(out_dir).absolute()
     _check_out_dir(out, overwrite)
     check_params(cfg, params)

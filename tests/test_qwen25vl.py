@@ -1,0 +1,141 @@
+"""Qwen2.5-VL against transformers 5.24's PyTorch `Qwen2_5_VLForConditionalGeneration` on tiny
+random models: vision features, M-RoPE positions, logits (ragged, left/right padded, image-less
+samples, tied and untied heads), both key layouts on import, a bit-identical export round trip.
+"""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hf_tiny_qwen import IMAGE_TOKEN, hf_logits, image_patches, make_batch, make_hf_qwen
+from hidrop_jax.convert import load_hf
+from hidrop_jax.export import _flat
+from hidrop_jax.families import qwen2_5_vl as fam
+from hidrop_jax.model import forward_hf
+
+GRID_PX = (16, 24)  # 8×12 patches, 4×6 merged tokens = 6 windows of 2×2
+
+
+@pytest.fixture(scope="module", params=["tied", "untied"])
+def pair(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param)
+    hf = make_hf_qwen(d, tie=request.param == "tied")
+    cfg, params = load_hf(d, image_size=GRID_PX)
+    return hf, cfg, params, d
+
+
+def _compare(hf, cfg, params, batch, tol=1e-4):
+    ref = hf_logits(hf, batch)
+    out = np.asarray(forward_hf(cfg, params, **batch))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    is_img = ids == IMAGE_TOKEN
+    assert out.dtype == np.float32
+    assert out.shape == (len(ids), ids.shape[1] - is_img.sum(1).max(), ref.shape[-1])
+    worst = 0.0
+    for i in range(len(ids)):
+        if is_img[i].any():  # row i = the non-image positions of input_ids[i], in order
+            keep = np.flatnonzero(~is_img[i])
+            rows = np.arange(len(keep))
+        else:  # an image-less row in an image batch: its valid tokens, padding trimmed
+            keep = np.flatnonzero(mask[i])
+            rows = np.arange(len(keep)) + (out.shape[1] - len(keep) if mask[i, 0] == 0 else 0)
+        valid = mask[i, keep].astype(bool)
+        worst = max(worst, np.abs(out[i, rows][valid] - ref[i, keep][valid]).max())
+    assert worst <= tol, worst
+    return worst
+
+
+@pytest.mark.parametrize("size", [(16, 24), (12, 20), (24, 16)])
+def test_vision_features(pair, size):
+    """Window (blocks 0, 2) and full (1, 3) attention; 16×24 tiles 2×3 windows, 12×20 has ragged
+    edge windows; two images per call."""
+    hf, cfg, params, _ = pair
+    px, thw = image_patches(np.random.default_rng(0), *size, n=2)
+    with torch.no_grad():
+        ref = torch.cat(hf.model.get_image_features(torch.tensor(px), torch.tensor(thw)).pooler_output).numpy()
+    m = fam.with_grid(cfg.model, thw)
+    ours = np.asarray(fam.encode_image(m, params, jnp.asarray(px.reshape(2, -1, px.shape[-1]))))
+    np.testing.assert_allclose(ours.reshape(ref.shape), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_rope_index_equals_hf(pair, padding):
+    hf, cfg, _, _ = pair
+    b = make_batch([5, 4, 9], [2, None, 0], padding=padding, seed=1)
+    ref, _ = hf.model.get_rope_index(
+        torch.tensor(b["input_ids"]), torch.tensor(b["mm_token_type_ids"]),
+        torch.tensor(b["image_grid_thw"]), attention_mask=torch.tensor(b["attention_mask"]))
+    mask = b["attention_mask"].astype(bool)
+    ours = fam.rope_index(cfg.model, b["input_ids"], mask, b["input_ids"] == IMAGE_TOKEN)
+    np.testing.assert_array_equal(ours[:, mask], ref.numpy()[:, mask])
+    # text after the 4×6 image resumes at start + max(4, 6), not start + 24
+    i = 0
+    after = np.flatnonzero(b["input_ids"][i] == IMAGE_TOKEN)[-1] + 2  # past <|vision_end|>
+    start = ours[0, i, np.flatnonzero(b["input_ids"][i] == IMAGE_TOKEN)[0]]
+    assert ours[0, i, after] == start + 6 + 1
+
+
+def test_single_image(pair):
+    hf, cfg, params, _ = pair
+    _compare(hf, cfg, params, make_batch([6], [3]))
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_ragged_batch_with_imageless_sample(pair, padding):
+    hf, cfg, params, _ = pair
+    _compare(hf, cfg, params, make_batch([5, 4, 9], [2, None, 0], padding=padding, seed=1))
+
+
+def test_non_square_ragged_windows(pair):
+    hf, cfg, params, _ = pair
+    _compare(hf, cfg, params, make_batch([7, 3], [1, 3], h_px=12, w_px=20, seed=2))
+
+
+def test_text_only_batch(pair):
+    hf, cfg, params, _ = pair
+    _compare(hf, cfg, params, make_batch([4, 7], [None, None], padding="left", seed=3))
+
+
+def test_mm_token_type_ids_checked(pair):
+    _, cfg, params, _ = pair
+    b = make_batch([5], [2])
+    b["mm_token_type_ids"] = np.zeros_like(b["mm_token_type_ids"])
+    with pytest.raises(ValueError, match="mm_token_type_ids"):
+        forward_hf(cfg, params, **b)
+
+
+def test_import_in_memory_layout(pair, tmp_path):
+    """5.24's in-memory names (`model.visual.*`, `model.language_model.*`) give the same params
+    as the hub layout that `save_pretrained` wrote."""
+    hf, cfg, params, d = pair
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    if hf.config.tie_word_embeddings:
+        sd.pop("lm_head.weight")
+    assert any(k.startswith("model.language_model.") for k in sd)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((d / "config.json").read_text())
+    _, params2 = load_hf(tmp_path, image_size=GRID_PX)
+    a, b = _flat(params), _flat(params2)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_export_round_trip(pair, tmp_path):
+    """Export loads in transformers with every tensor bit-identical to the original model's."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from hidrop_jax.export import save_hf
+    hf, cfg, params, _ = pair
+    out = save_hf(cfg, params, tmp_path / "out")
+    back = Qwen2_5_VLForConditionalGeneration.from_pretrained(out).eval()
+    a, b = hf.state_dict(), back.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert back.config.tie_word_embeddings == hf.config.tie_word_embeddings
+    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_5_vl"
