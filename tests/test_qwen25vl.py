@@ -139,3 +139,37 @@ def test_export_round_trip(pair, tmp_path):
         assert torch.equal(a[k], b[k]), k
     assert back.config.tie_word_embeddings == hf.config.tie_word_embeddings
     assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_5_vl"
+
+
+# Released sizes, written out here from the published configs (not from our config files).
+_RELEASED = {
+    "qwen2_5_vl_3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
+                          num_key_value_heads=2, intermediate_size=11008, vocab_size=151936, tie=True),
+    "qwen2_5_vl_7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+                          num_key_value_heads=4, intermediate_size=18944, vocab_size=152064, tie=False),
+}
+
+
+@pytest.mark.parametrize("name", list(_RELEASED))
+def test_param_count_equals_hf(name):
+    """Counted from shapes only (jax.eval_shape; torch's meta device)."""
+    import importlib
+
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from hidrop_jax.model import abstract_params, count_params
+    cfg = importlib.import_module(f"configs.{name}").get_config("schedule=tok64")
+    t = dict(_RELEASED[name])
+    tie = t.pop("tie")
+    hf_cfg = Qwen2_5_VLConfig(
+        text_config=dict(t, rms_norm_eps=1e-6, max_position_embeddings=128000,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                          "mrope_section": [16, 24, 24]}),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                           out_hidden_size=t["hidden_size"], window_size=112, tokens_per_second=2,
+                           fullatt_block_indexes=[7, 15, 23, 31]),
+        tie_word_embeddings=tie)
+    with torch.device("meta"):
+        hf = Qwen2_5_VLForConditionalGeneration(hf_cfg)
+    assert count_params(abstract_params(cfg)) == sum(p.numel() for p in hf.parameters())
+    assert cfg.hidrop.keep == (215, 10, 5, 1)  # 576 merged tokens: Tok64's counts carry over
