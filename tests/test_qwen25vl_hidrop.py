@@ -54,8 +54,9 @@ def _rotate(x, cos, sin):
 
 
 @torch.no_grad()
-def reference(hf, sample, sched):
-    """(logits [n_text, V] at the sample's text tokens, kept vision indices per cut)."""
+def reference(hf, sample, sched, query_at=None):
+    """(logits [n_text, V] at the sample's text tokens, kept vision indices per cut). Scoring's
+    query row is token `query_at` (default: the last token)."""
     inject, prune_after, keep, exit_layer = sched
     exit_layer = N_LAYERS if exit_layer is None else exit_layer
     ids = torch.tensor(sample["input_ids"])[None]
@@ -92,10 +93,14 @@ def reference(hf, sample, sched):
             attn = nxt.self_attn
             x = nxt.input_layernorm(h[present])
             hd = attn.head_dim
-            q = _rotate(attn.q_proj(x[-1:]).view(1, -1, hd), cos[0, -1:, None], sin[0, -1:, None])
+            qi = n - 1 if query_at is None else int(torch.nonzero(present == query_at)[0, 0])
+            q = _rotate(attn.q_proj(x[qi:qi + 1]).view(1, -1, hd), cos[0, qi:qi + 1, None],
+                        sin[0, qi:qi + 1, None])
             kk = _rotate(attn.k_proj(x).view(n, -1, hd), cos[0, :, None], sin[0, :, None])
             kk = kk.repeat_interleave(q.shape[1] // kk.shape[1], dim=1)
-            probs = torch.softmax(torch.einsum("qnh,snh->nqs", q, kk).float() / hd ** 0.5, -1)
+            logit = torch.einsum("qnh,snh->nqs", q, kk).float() / hd ** 0.5
+            logit[..., present > present[qi]] = float("-inf")
+            probs = torch.softmax(logit, -1)
             score = probs.mean(0)[0]  # [n]
             vis_cols = torch.isin(present, present_vis)
             top = torch.topk(score[vis_cols], k).indices
@@ -156,3 +161,34 @@ def test_text_only_layers_ignore_the_image(pair):
     _, b = forward(cfg, params, other, return_aux=True)
     np.testing.assert_array_equal(np.asarray(a["stage_text"][0]), np.asarray(b["stage_text"][0]))
     assert np.abs(np.asarray(a["stage_text"][1]) - np.asarray(b["stage_text"][1])).max() > 1e-4
+
+
+@pytest.mark.parametrize("sched", ["vanilla", "hidrop"])
+def test_cached_generation_equals_recomputation(pair, sched):
+    """Greedy generation with per-stage caches: each new token's logits equal one forward of the
+    prompt + the tokens generated so far (HF's own model for vanilla; the physical-removal
+    reference, pruned once with the last prompt token as query, for HiDrop)."""
+    from hidrop_jax.generate import generate_hf
+    hf, cfg, params = pair
+    if sched != "vanilla":
+        cfg = _with_schedule(cfg, SCHEDULES[sched])
+    batch = make_batch([5, 4, 7], [2, None, 0], padding="left", seed=9)
+    n_new = 4
+    out = generate_hf(cfg, params, batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                      image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=batch["mm_token_type_ids"],
+                      max_new_tokens=n_new, return_logits=True)
+    toks, logits = np.asarray(out["tokens"]), np.asarray(out["logits"])
+    full = dict(batch)
+    full["input_ids"] = np.concatenate([batch["input_ids"], toks], 1)
+    full["attention_mask"] = np.concatenate([batch["attention_mask"], np.ones_like(toks)], 1)
+    full["mm_token_type_ids"] = np.concatenate([batch["mm_token_type_ids"], np.zeros_like(toks)], 1)
+    L = batch["input_ids"].shape[1]
+    if sched == "vanilla":
+        with torch.no_grad():
+            ref = hf(**{k: torch.tensor(v) for k, v in full.items()}).logits.numpy()
+        np.testing.assert_allclose(logits, ref[:, L - 1:L - 1 + n_new], atol=1e-4, rtol=0)
+        return
+    for i, s in enumerate(_samples(full)):
+        n_prompt = int(batch["attention_mask"][i].sum())
+        ref, _ = reference(hf, s, SCHEDULES[sched], query_at=n_prompt - 1)
+        np.testing.assert_allclose(logits[i], ref[-n_new - 1:-1], atol=TOL, rtol=0)
