@@ -173,3 +173,28 @@ def test_param_count_equals_hf(name):
         hf = Qwen2_5_VLForConditionalGeneration(hf_cfg)
     assert count_params(abstract_params(cfg)) == sum(p.numel() for p in hf.parameters())
     assert cfg.hidrop.keep == (215, 10, 5, 1)  # 576 merged tokens: Tok64's counts carry over
+
+
+def test_schedule_fractions_scale_with_the_grid():
+    """keep given as fractions of the vision tokens: one schedule for any grid."""
+    from hidrop_jax.hidrop.schedule import Schedule
+    at = lambda n: Schedule(num_layers=32, n_vision=n, inject_layer=8, prune_after=(9, 13),  # noqa: E731
+                            keep=(0.375, 0.1), exit_layer=24).keep
+    assert at(576) == (216, 58)
+    assert at(144) == (54, 14)
+    assert at(24) == (9, 2)
+    with pytest.raises(ValueError, match=r"keep\[0\]"):
+        Schedule(num_layers=32, n_vision=576, inject_layer=8, prune_after=(9,), keep=(1.5,))
+
+
+def test_hidrop_fields_change_what_runs(pair):
+    """cfg.hidrop (counts or fractions) changes forward_hf's logits; equal schedules agree."""
+    _, cfg, params, _ = pair
+    b = make_batch([6, 3], [2, 1], seed=4)
+    base = np.asarray(forward_hf(cfg, params, **b))
+    counts, fracs = cfg.copy_and_resolve_references(), cfg.copy_and_resolve_references()
+    for c, keep in ((counts, (6,)), (fracs, (0.25,))):  # 0.25 of 24 tokens = 6
+        c.hidrop.inject_layer, c.hidrop.prune_after, c.hidrop.keep, c.hidrop.exit_layer = 1, (1,), keep, 3
+    a, f = np.asarray(forward_hf(counts, params, **b)), np.asarray(forward_hf(fracs, params, **b))
+    np.testing.assert_array_equal(a, f)
+    assert np.abs(a - base).max() > 1e-3
