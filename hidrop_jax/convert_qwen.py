@@ -159,11 +159,11 @@ def config_to_hf(cfg) -> dict:
                                 "mrope_section": list(t.mrope_section)},
             "tie_word_embeddings": t.tie_word_embeddings, "use_sliding_window": False,
             "initializer_range": initializer_range(t)},
-        "torch_dtype": "float32", "dtype": "float32",
     }
 
 
-# ----------------------------------------------------------------------------- import / export
+# ----------------------------------------------------------------------------- import
+# (export: `hidrop_jax.export.save_hf` writes this table and `config_to_hf`)
 
 def load_hf(hf_dir, image_size=(672, 672)):
     """(cfg, params) from a HF Qwen2.5-VL directory (either key layout, sharded or not)."""
@@ -174,21 +174,3 @@ def load_hf(hf_dir, image_size=(672, 672)):
     cfg = config_from_hf(json.loads((hf_dir / "config.json").read_text()), image_size)
     params = convert.params_from_tensors(cfg, convert._read_tensors(convert._safetensor_files(hf_dir)))
     return cfg, jax.tree.map(np.asarray, params)
-
-
-def save_hf(cfg, params, out_dir) -> Path:
-    """Writes `config.json` + `model.safetensors` (hub layout) for (cfg, params); returns the path.
-    `hidrop_schedule.json` travels beside them (HF runs every vision token)."""
-    from safetensors.numpy import save_file
-
-    from hidrop_jax.export import _flat, _hf_tensor, check_params
-    check_params(cfg, params)
-    out = Path(out_dir).absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    flat = _flat(params)
-    tensors = {n: _hf_tensor(flat, *w) for n, w in expected_tensors(cfg).items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    if "hidrop" in cfg:
-        (out / "hidrop_schedule.json").write_text(cfg.hidrop.to_json(indent=1) + "\n")
-    (out / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
-    return out

@@ -77,6 +77,20 @@ def check_params(cfg, params) -> None:
 
 # ----------------------------------------------------------------------------- writing
 
+def _family_table(cfg):
+    """`convert_qwen` for a Qwen2.5-VL config (its table and config.json), None for LLaVA."""
+    from hidrop_jax.families import family_name
+    if family_name(cfg.model) == "qwen2_5_vl":
+        from hidrop_jax import convert_qwen
+        return convert_qwen
+    return None
+
+
+def _expected(cfg) -> dict:
+    qwen = _family_table(cfg)
+    return expected_tensors(cfg) if qwen is None else qwen.expected_tensors(cfg)
+
+
 def _write_shard(path: Path, tensors: dict) -> None:
     """One safetensors file (the single place that writes tensor data; tests patch it)."""
     from safetensors.numpy import save_file
@@ -87,7 +101,7 @@ def _plan_shards(cfg, params, max_shard_bytes: int):
     """[[HF name, ...] per shard] in TABLE order; a tensor larger than the limit gets its own."""
     flat = _flat(params)
     shards, cur, size = [], [], 0
-    for name, (path, layer, _) in expected_tensors(cfg).items():
+    for name, (path, layer, _) in _expected(cfg).items():
         shape = np.shape(flat[path])[1:] if layer is not None else np.shape(flat[path])
         n = int(np.prod(shape)) * np.dtype(_DTYPE).itemsize
         if cur and size + n > max_shard_bytes:
@@ -106,7 +120,7 @@ def _hf_tensor(flat, path, layer, kind) -> np.ndarray:
 
 
 def _write_weights(tmp: Path, cfg, params, max_shard_bytes: int) -> None:
-    want, flat = expected_tensors(cfg), _flat(params)
+    want, flat = _expected(cfg), _flat(params)
     shards = _plan_shards(cfg, params, max_shard_bytes)
     if len(shards) == 1:
         files = ["model.safetensors"]
@@ -126,7 +140,8 @@ def _write_weights(tmp: Path, cfg, params, max_shard_bytes: int) -> None:
 
 def hf_config(cfg) -> dict:
     """`config_to_hf(cfg)` plus the storage dtype (4.57 reads `torch_dtype`, 5.x `dtype`)."""
-    out = config_to_hf(cfg)
+    qwen = _family_table(cfg)
+    out = config_to_hf(cfg) if qwen is None else qwen.config_to_hf(cfg)
     out["torch_dtype"] = out["dtype"] = "float32"
     try:
         import transformers
@@ -202,13 +217,8 @@ def save_hf(cfg, params, out_dir, tokenizer=None, *, max_shard_bytes: int = DEFA
     """Writes a HF LLaVA directory for (cfg, params); returns its path. `tokenizer` (a
     `PreTrainedTokenizerBase` whose vocabulary holds `cfg.model.image_token_id`) adds the
     tokenizer, a CLIP image processor and a LlavaProcessor, so `AutoProcessor` loads."""
-    from hidrop_jax.families import family_name
-    if family_name(cfg.model) == "qwen2_5_vl":  # its own table and config (no tokenizer yet)
-        from hidrop_jax import convert_qwen
-        if tokenizer is not None:
-            raise NotImplementedError("save_hf for Qwen2.5-VL writes no tokenizer/processor yet")
-        _check_out_dir(Path(out_dir).absolute(), overwrite)
-        return convert_qwen.save_hf(cfg, params, out_dir)
+    if _family_table(cfg) is not None and tokenizer is not None:
+        raise NotImplementedError("save_hf for Qwen2.5-VL writes no tokenizer/processor yet")
     out = Path(out_dir).absolute()
     _check_out_dir(out, overwrite)
     check_params(cfg, params)

@@ -20,12 +20,27 @@ from hidrop_jax.model import forward_hf
 GRID_PX = (16, 24)  # 8×12 patches, 4×6 merged tokens = 6 windows of 2×2
 
 
+_MODELS = {}
+
+
+def _model(tie, tmp_path_factory):
+    if tie not in _MODELS:
+        d = tmp_path_factory.mktemp("tied" if tie else "untied")
+        hf = make_hf_qwen(d, tie=tie)
+        _MODELS[tie] = (hf, *load_hf(d, image_size=GRID_PX), d)
+    return _MODELS[tie]
+
+
 @pytest.fixture(scope="module", params=["tied", "untied"])
 def pair(request, tmp_path_factory):
-    d = tmp_path_factory.mktemp(request.param)
-    hf = make_hf_qwen(d, tie=request.param == "tied")
-    cfg, params = load_hf(d, image_size=GRID_PX)
-    return hf, cfg, params, d
+    """Both heads: for what the head or the weight layout can change."""
+    return _model(request.param == "tied", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory):
+    """The tied model only: for what the head cannot change (vision, positions, dtype, schedule)."""
+    return _model(True, tmp_path_factory)
 
 
 def _compare(hf, cfg, params, batch, tol=1e-4):
@@ -50,10 +65,10 @@ def _compare(hf, cfg, params, batch, tol=1e-4):
 
 
 @pytest.mark.parametrize("size", [(16, 24), (12, 20), (24, 16)])
-def test_vision_features(pair, size):
+def test_vision_features(one, size):
     """Window (blocks 0, 2) and full (1, 3) attention; 16×24 tiles 2×3 windows, 12×20 has ragged
     edge windows; two images per call."""
-    hf, cfg, params, _ = pair
+    hf, cfg, params, _ = one
     px, thw = image_patches(np.random.default_rng(0), *size, n=2)
     with torch.no_grad():
         ref = torch.cat(hf.model.get_image_features(torch.tensor(px), torch.tensor(thw)).pooler_output).numpy()
@@ -63,8 +78,8 @@ def test_vision_features(pair, size):
 
 
 @pytest.mark.parametrize("padding", ["right", "left"])
-def test_rope_index_equals_hf(pair, padding):
-    hf, cfg, _, _ = pair
+def test_rope_index_equals_hf(one, padding):
+    hf, cfg, _, _ = one
     b = make_batch([5, 4, 9], [2, None, 0], padding=padding, seed=1)
     ref, _ = hf.model.get_rope_index(
         torch.tensor(b["input_ids"]), torch.tensor(b["mm_token_type_ids"]),
@@ -90,18 +105,18 @@ def test_ragged_batch_with_imageless_sample(pair, padding):
     _compare(hf, cfg, params, make_batch([5, 4, 9], [2, None, 0], padding=padding, seed=1))
 
 
-def test_non_square_ragged_windows(pair):
-    hf, cfg, params, _ = pair
+def test_non_square_ragged_windows(one):
+    hf, cfg, params, _ = one
     _compare(hf, cfg, params, make_batch([7, 3], [1, 3], h_px=12, w_px=20, seed=2))
 
 
-def test_text_only_batch(pair):
-    hf, cfg, params, _ = pair
+def test_text_only_batch(one):
+    hf, cfg, params, _ = one
     _compare(hf, cfg, params, make_batch([4, 7], [None, None], padding="left", seed=3))
 
 
-def test_mm_token_type_ids_checked(pair):
-    _, cfg, params, _ = pair
+def test_mm_token_type_ids_checked(one):
+    _, cfg, params, _ = one
     b = make_batch([5], [2])
     b["mm_token_type_ids"] = np.zeros_like(b["mm_token_type_ids"])
     with pytest.raises(ValueError, match="mm_token_type_ids"):
@@ -125,13 +140,16 @@ def test_import_in_memory_layout(pair, tmp_path):
         np.testing.assert_array_equal(a[k], b[k])
 
 
-def test_export_round_trip(pair, tmp_path):
-    """Export loads in transformers with every tensor bit-identical to the original model's."""
+@pytest.mark.parametrize("shard_bytes", [2**31, 200_000])
+def test_export_round_trip(pair, tmp_path, shard_bytes):
+    """Export (one file, or shards + index) loads in transformers with every tensor
+    bit-identical to the original model's."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from hidrop_jax.export import save_hf
     hf, cfg, params, _ = pair
-    out = save_hf(cfg, params, tmp_path / "out")
+    out = save_hf(cfg, params, tmp_path / "out", max_shard_bytes=shard_bytes)
+    assert (out / "model.safetensors.index.json").exists() == (shard_bytes < 2**31)
     back = Qwen2_5_VLForConditionalGeneration.from_pretrained(out).eval()
     a, b = hf.state_dict(), back.state_dict()
     assert a.keys() == b.keys()
@@ -187,9 +205,9 @@ def test_schedule_fractions_scale_with_the_grid():
         Schedule(num_layers=32, n_vision=576, inject_layer=8, prune_after=(9,), keep=(1.5,))
 
 
-def test_hidrop_fields_change_what_runs(pair):
+def test_hidrop_fields_change_what_runs(one):
     """cfg.hidrop (counts or fractions) changes forward_hf's logits; equal schedules agree."""
-    _, cfg, params, _ = pair
+    _, cfg, params, _ = one
     b = make_batch([6, 3], [2, 1], seed=4)
     base = np.asarray(forward_hf(cfg, params, **b))
     counts, fracs = cfg.copy_and_resolve_references(), cfg.copy_and_resolve_references()
@@ -200,10 +218,10 @@ def test_hidrop_fields_change_what_runs(pair):
     assert np.abs(a - base).max() > 1e-3
 
 
-def test_bfloat16_compute(pair):
+def test_bfloat16_compute(one):
     """bf16 compute, float32 master weights, against the float32 HF reference (bars as for
     LLaVA: max |Δlogit| ≤ 5% of the logits' range, top-1 agreement on ≥ 90% of positions)."""
-    hf, cfg, params, _ = pair
+    hf, cfg, params, _ = one
     cfg = cfg.copy_and_resolve_references()
     cfg.model.dtype = "bfloat16"
     b = make_batch([8, 12], [2, 4], seed=5)
