@@ -233,3 +233,18 @@ def test_bfloat16_compute(one):
     assert out.dtype == np.float32
     assert np.abs(out - r)[valid].max() <= 0.05 * (r.max() - r.min())
     assert (out.argmax(-1) == r.argmax(-1))[valid].mean() >= 0.9
+
+
+@pytest.mark.parametrize("size", [(16, 24), (32, 48)])
+def test_preprocess_equals_hf_processor(one, size):
+    """Our resize + normalise + patchify against transformers' Qwen2VLImageProcessorPil (its
+    smart_resize lands on the same grid when the aspect ratio matches)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    _, cfg, _, _ = one
+    img = np.random.default_rng(6).integers(0, 256, size=(*size, 3), dtype=np.uint8)
+    h, w = cfg.model.vision.image_size
+    proc = Qwen2VLImageProcessorPil(patch_size=2, merge_size=2, temporal_patch_size=2,
+                                    min_pixels=h * w, max_pixels=h * w)
+    ref = proc(images=[img], return_tensors="np")
+    assert ref["image_grid_thw"].tolist() == [[1, h // 2, w // 2]]
+    np.testing.assert_allclose(fam.preprocess(cfg.model, img), ref["pixel_values"], atol=1e-5, rtol=0)

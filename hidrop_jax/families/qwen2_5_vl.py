@@ -232,6 +232,22 @@ def hf_to_inputs(m, input_ids, pixel_values=None, attention_mask=None, *, image_
     return inputs, slots, m
 
 
+def preprocess(m, image) -> np.ndarray:
+    """An image (bytes, uint8 HWC array or PIL) -> its patches [S, C·T·P·P] at the config's fixed
+    grid: resized to `image_size` (bicubic, aspect ratio not kept: static shapes), scaled to
+    [0, 1], normalised with CLIP's mean/std, patchified. With an image already of that size this
+    is HF's `Qwen2VLImageProcessor` exactly."""
+    from PIL import Image
+
+    from hidrop_jax.data.image import CLIP_MEAN, CLIP_STD, decode
+    h, w = m.vision.image_size
+    im = decode(image)
+    if im.size != (w, h):
+        im = im.resize((w, h), Image.BICUBIC)
+    x = (np.asarray(im, np.float32) / 255.0 - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+    return patchify(m, x[None])[0]
+
+
 def patchify(m, images) -> np.ndarray:
     """Images [B, H, W, C] (already resized and normalised, H×W = `image_size`) -> the
     processor's flattened patches [B, S, C·T·P·P]: still images repeated over T, merge-block-major."""
