@@ -184,13 +184,14 @@ def with_grid(m, image_grid_thw):
 
 def hf_to_inputs(m, input_ids, pixel_values=None, attention_mask=None, *, image_grid_thw=None,
                  mm_token_type_ids=None):
-    """HF Qwen2.5-VL batch -> (`model.Inputs`, index of each text slot in `input_ids` [B, T]).
+    """HF Qwen2.5-VL batch -> (`model.Inputs`, index of each text slot in `input_ids` [B, T],
+    `m` for the batch's grid: the compiled shape follows it).
 
     `pixel_values` [Σ patches, C·T·P·P] and `image_grid_thw` [n_images, 3] as the processor gives
     them (one image per sample that has image tokens, all of one grid). `mm_token_type_ids`
     (1 at image tokens) is checked against `input_ids` when given; videos are not supported.
     """
-    from hidrop_jax.model import Inputs, hf_text_stream  # the shared part of the adapter
+    from hidrop_jax.model import hf_text_stream  # the family-independent part of the adapter
     ids = np.asarray(input_ids)
     mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     is_img = (ids == m.image_token_id) & mask
@@ -228,7 +229,6 @@ def hf_to_inputs(m, input_ids, pixel_values=None, attention_mask=None, *, image_
         pixels = jnp.asarray(full)
     inputs = base._replace(pixels=pixels, text_rope=jnp.asarray(text_rope, jnp.int32),
                            vision_rope=jnp.asarray(vis_rope, jnp.int32))
-    assert isinstance(inputs, Inputs)
     return inputs, slots, m
 
 
