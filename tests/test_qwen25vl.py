@@ -205,6 +205,7 @@ def test_schedule_fractions_scale_with_the_grid():
         Schedule(num_layers=32, n_vision=576, inject_layer=8, prune_after=(9,), keep=(1.5,))
 
 
+@pytest.mark.slow
 def test_hidrop_fields_change_what_runs(one):
     """cfg.hidrop (counts or fractions) changes forward_hf's logits; equal schedules agree."""
     _, cfg, params, _ = one
@@ -218,6 +219,7 @@ def test_hidrop_fields_change_what_runs(one):
     assert np.abs(a - base).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_bfloat16_compute(one):
     """bf16 compute, float32 master weights, against the float32 HF reference (bars as for
     LLaVA: max |Δlogit| ≤ 5% of the logits' range, top-1 agreement on ≥ 90% of positions)."""

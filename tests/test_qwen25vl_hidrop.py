@@ -127,11 +127,15 @@ def _samples(batch):
     return out
 
 
-@pytest.mark.parametrize("sched", list(SCHEDULES))
-@pytest.mark.parametrize("padding", ["right", "left"])
-def test_hidrop_equals_physical_removal(pair, sched, padding):
+CASES = [(s, p, "hard") for s in SCHEDULES for p in ("right", "left")] + [("hidrop", "left", "mask")]
+
+
+@pytest.mark.parametrize("sched,padding,selection", CASES)
+def test_hidrop_equals_physical_removal(pair, sched, padding, selection):
+    """`mask` keeps every slot and switches the dropped ones off as keys: the same logits."""
     hf, cfg, params = pair
     cfg = _with_schedule(cfg, SCHEDULES[sched])
+    cfg.hidrop.selection = selection
     batch = make_batch([5, 4, 9], [2, None, 0], padding=padding, seed=7)
     out = np.asarray(forward_hf(cfg, params, **batch))
     inputs, slots, m = fam.hf_to_inputs(cfg.model, batch["input_ids"], batch["pixel_values"],
