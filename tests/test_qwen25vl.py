@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from hf_tiny_qwen import IMAGE_TOKEN, hf_logits, image_patches, make_batch, make_hf_qwen
+from hidrop_jax.config import schedule_of
 from hidrop_jax.convert import load_hf
 from hidrop_jax.hf.save import _flat
 from hidrop_jax.families import qwen2_5_vl as fam
@@ -190,7 +191,7 @@ def test_param_count_equals_hf(name):
     with torch.device("meta"):
         hf = Qwen2_5_VLForConditionalGeneration(hf_cfg)
     assert count_params(abstract_params(cfg)) == sum(p.numel() for p in hf.parameters())
-    assert cfg.hidrop.keep == (215, 10, 5, 1)  # 576 merged tokens: Tok64's counts carry over
+    assert schedule_of(cfg).keep == (215, 10, 5, 1)  # 576 merged tokens: Tok64's counts carry over
 
 
 def test_schedule_fractions_scale_with_the_grid():
