@@ -56,8 +56,8 @@ if ROOT not in sys.path:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from hidrop_jax.config import feature_layers_run, n_vision_tokens  # noqa: E402
-from hidrop_jax.hidrop import schedule as schedule_lib  # noqa: E402
+from hidrop_jax.config import feature_layers_run, n_vision_tokens, schedule_of  # noqa: E402
+from hidrop_jax.hidrop.schedule import Schedule, vision_flops  # noqa: E402
 from hidrop_jax.hidrop.select import score_vision, select  # noqa: E402
 from hidrop_jax.model import Inputs, abstract_params, encode_image, forward, text_dims  # noqa: E402
 from hidrop_jax.layers.rope import rope_tables  # noqa: E402
@@ -115,7 +115,7 @@ def cut_flops(cfg, params, n_in: int, k: int, text_len: int, batch: int = 1,
               compile: bool = True) -> float:
     """XLA FLOPs of one cut's scoring + selection alone: `n_in` vision tokens enter, `k` stay."""
     td = text_dims(cfg.model)
-    s = schedule_lib.from_config(cfg)
+    s = schedule_of(cfg)
     layer = jax.tree.map(lambda p: SDS(p.shape[1:], p.dtype), params["text"]["layers"])
     S = text_len + n_in
 
@@ -172,7 +172,7 @@ def tower_formula_macs(cfg) -> float:
     return layers + patch + n_vis * (D * t.hidden_size + t.hidden_size * t.hidden_size)
 
 
-def cuts(s: schedule_lib.Schedule):
+def cuts(s: Schedule):
     """[(tokens entering, tokens kept)] for each cut of the schedule."""
     ins = [s.n_vision, *s.keep[:-1]]
     return list(zip(ins, s.keep))
@@ -199,7 +199,7 @@ def measure(config: str, schedules, text_len: int, compile: bool = True) -> dict
                schedules={})
     for name in schedules:
         cfg = load_config(config, f"schedule={name},unroll=True")
-        s = schedule_lib.from_config(cfg)
+        s = schedule_of(cfg)
         tpl = s.tokens_per_layer()
         full = prefill_flops(cfg, params, text_len, image=True, compile=compile)
         vision = (full - text_only - tower) / 2
@@ -217,7 +217,7 @@ def measure(config: str, schedules, text_len: int, compile: bool = True) -> dict
             layers_ratio=(vision - scoring) / formula, cuts=[
                 {**c, "xla": c["xla"] / 1e12, "formula": c["formula"] / 1e12} for c in cut_rows],
             paper_formula=paper_formula / 1e12, paper=PAPER_TFLOPS.get(name),
-            library_formula_agrees=abs(schedule_lib.vision_flops(s, d, m) - paper_formula) < 1,
+            library_formula_agrees=abs(vision_flops(s, d, m) - paper_formula) < 1,
             within_tolerance=abs(vision / formula - 1) <= TOLERANCE)
     v = out["schedules"].get("vanilla")
     for row in out["schedules"].values():

@@ -46,8 +46,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hidrop_jax.config import make_config, model_config  # noqa: E402
-from hidrop_jax.hidrop import schedule as schedule_lib  # noqa: E402
+from hidrop_jax.config import make_config, model_config, schedule_of  # noqa: E402
 from hidrop_jax import xla_graph  # noqa: E402
 from hidrop_jax.model import Inputs, encode_image, forward, init_params  # noqa: E402
 
@@ -77,7 +76,7 @@ def make_inputs(cfg, batch: int, text_len: int, seed: int = 0) -> tuple[Inputs, 
     """A prompt of `text_len` text tokens with the image after 8 of them; answer rows labelled."""
     from hidrop_jax.data.pipeline import Targets
     rng = np.random.default_rng(seed)
-    n = schedule_lib.from_config(cfg).n_vision
+    n = schedule_of(cfg).n_vision
     ids = rng.integers(5, cfg.model.text.vocab_size, (batch, text_len)).astype(np.int32)
     slot = 8
     pos = np.arange(text_len) + np.where(np.arange(text_len) >= slot, n, 0)
@@ -109,7 +108,7 @@ def measure_schedule(name: str, params, a) -> dict:
     from hidrop_jax import generate as gen
     from hidrop_jax import train as train_lib
     cfg = bench_config(a.width, name)
-    s = schedule_lib.from_config(cfg)
+    s = schedule_of(cfg)
     tx, _ = train_lib.make_optimizer(cfg.train, params)
     state = dict(params=params, opt_state=jax.jit(tx.init)(params), step=jnp.zeros((), jnp.int32),
                  rng=jax.random.PRNGKey(0))

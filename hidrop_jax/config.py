@@ -1,14 +1,16 @@
 """Model configuration: one `ml_collections.ConfigDict` per model, validated early.
 
 `cfg.model` mirrors the Hugging Face LLaVA config (vision / text / projector) with our own field
-names; `cfg.hidrop` holds the HiDrop schedule (see `hidrop_jax.hidrop.schedule`). Layers never
-read this dict: `hidrop_jax.layers` take small frozen dataclasses built from it here.
+names; `cfg.hidrop` holds the HiDrop schedule: a preset name plus the fields that override it,
+resolved against the model by `schedule_of` (see `hidrop_jax.hidrop.schedule`). This module is
+the only reader of ConfigDicts: layers take small frozen dataclasses, the method a `Schedule`.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
+from hidrop_jax.hidrop.schedule import PRESETS, Schedule, preset
 from hidrop_jax.layers.common import INIT_STD
 
 VISION_ACTS = ("quick_gelu", "gelu")
@@ -141,14 +143,89 @@ def parse_arg(arg: str, defaults: dict) -> ml_collections.ConfigDict:
 def make_config(model: ml_collections.ConfigDict, arg: str = "", **extra) -> ml_collections.ConfigDict:
     """Full config from `cfg.model` and an arg string. Common args: schedule (a HiDrop preset),
     selection, positions, dtype, remat, unroll (XLA sees every layer: for FLOPs counting)."""
-    from hidrop_jax.hidrop.schedule import hidrop_config
     a = parse_arg(arg, dict(schedule="vanilla", selection="hard", positions="persistent",
                             dtype=model.dtype, remat=model.remat, unroll=False, **extra))
     model.dtype, model.remat, model.scan_unroll = a.dtype, a.remat, a.unroll
     validate_model(model)
     cfg = ml_collections.ConfigDict(dict(model=model, arg=a, train=train_defaults(), data=data_defaults()))
-    cfg.hidrop = hidrop_config(a.schedule, model.text.num_layers, n_vision_tokens(model),
-                               selection=a.selection, positions=a.positions)
+    cfg.hidrop = hidrop_defaults(a.schedule, selection=a.selection, positions=a.positions)
+    schedule_of(cfg)  # an unknown preset or a bad field fails now; overrides are checked again
+    return cfg
+
+
+# ----------------------------------------------------------------------------- the HiDrop schedule
+
+SCHEDULE_FIELDS = ("inject_layer", "prune_after", "keep", "exit_layer")
+
+
+def hidrop_defaults(name: str = "vanilla", *, selection: str = "hard", positions: str = "persistent",
+                    temperature: float = 0.1, **fields) -> ml_collections.ConfigDict:
+    """`cfg.hidrop`: preset `name` and the layout fields that override it.
+
+    A layout field left None means "the preset's value for this model"; `schedule_of` resolves it
+    when the schedule is used, i.e. after every `--config.` override, so a preset always fits the
+    model's final depth and token count (`--config.model.text.num_layers=6` rescales it).
+    `exit_layer` = num_layers means "no exit". Saved configs hold every field resolved (`resolved`).
+    """
+    if name not in PRESETS:
+        raise ValueError(f"hidrop schedule {name!r} is unknown; allowed: {PRESETS}")
+    bad = sorted(set(fields) - set(SCHEDULE_FIELDS))
+    if bad:
+        raise ValueError(f"hidrop field(s) {bad} unknown; allowed: {SCHEDULE_FIELDS}")
+    typed = dict(inject_layer=int, prune_after=tuple, keep=tuple, exit_layer=int)
+    return ml_collections.ConfigDict(dict(
+        name=name, selection=selection, positions=positions, temperature=temperature,
+        # typed, so that `--config.hidrop.keep='(100,10)'` can override the None default
+        **{k: ml_collections.FieldReference(fields.get(k), field_type=t) for k, t in typed.items()}))
+
+
+def schedule_of(cfg) -> Schedule:
+    """The validated `Schedule` of `cfg.hidrop` for `cfg.model`: the preset at this depth and
+    token count, with the explicitly set fields on top."""
+    h = cfg.hidrop
+    explicit = {k: h.get(k) for k in SCHEDULE_FIELDS if h.get(k) is not None}
+    return preset(h.get("name", "vanilla"), cfg.model.text.num_layers, n_vision_tokens(cfg.model),
+                  selection=h.get("selection", "hard"), positions=h.get("positions", "persistent"),
+                  temperature=h.get("temperature", 0.1), **explicit)
+
+
+def with_schedule(cfg, name: str, **fields):
+    """`cfg` (changed in place and returned) under preset `name` with `fields` on top; the
+    selection/positions/temperature settings stay unless given."""
+    h = cfg.get("hidrop") or {}
+    keep = {k: fields.pop(k, h.get(k, d)) for k, d in
+            (("selection", "hard"), ("positions", "persistent"), ("temperature", 0.1))}
+    cfg.hidrop = hidrop_defaults(name, **keep, **fields)
+    schedule_of(cfg)
+    return cfg
+
+
+def resolved(cfg) -> ml_collections.ConfigDict:
+    """A copy of `cfg` with every schedule field explicit (what a run or export records: it must
+    not change meaning if presets are retuned later)."""
+    s = schedule_of(cfg)
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    out.hidrop = hidrop_defaults(cfg.hidrop.get("name", "vanilla"), selection=s.selection,
+                                 positions=s.positions, temperature=s.temperature,
+                                 inject_layer=s.inject_layer, prune_after=s.prune_after,
+                                 keep=s.keep, exit_layer=s.exit)
+    return out
+
+
+def upgrade(cfg) -> ml_collections.ConfigDict:
+    """A config read from disk, brought to today's fields (in place; returned). Configs written
+    before presets were resolved lazily stored `exit_layer = None` for "no exit"."""
+    h = cfg.get("hidrop")
+    if h is not None:
+        if h.get("inject_layer") is not None and h.get("exit_layer") is None:
+            h.exit_layer = cfg.model.text.num_layers
+        if h.get("name") not in PRESETS:
+            h.name = "vanilla"  # every layout field is explicit: the base preset is irrelevant
+        for k, d in (("positions", "persistent"), ("temperature", 0.1)):
+            if k not in h:
+                h[k] = d
+    if "train" in cfg and "init_from" not in cfg.train:
+        cfg.train.init_from = ""
     return cfg
 
 

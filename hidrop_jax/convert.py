@@ -21,8 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from hidrop_jax.config import initializer_range, model_config
-from hidrop_jax.hidrop.schedule import hidrop_config
+from hidrop_jax.config import hidrop_defaults, initializer_range, model_config, resolved, upgrade
 
 # (HF name in the legacy hub layout, parameter path, transform). `{i}` marks a stacked layer.
 # linear: HF [out, in] <-> [in, out]; conv: [O, I, kh, kw] <-> [kh, kw, I, O]; copy: as is.
@@ -166,9 +165,7 @@ def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
         feature_layer=fl,
         select_strategy=hf.get("vision_feature_select_strategy", "default"),
     )
-    from hidrop_jax.config import n_vision_tokens
-    return ml_collections.ConfigDict(dict(
-        model=model, hidrop=hidrop_config("vanilla", model.text.num_layers, n_vision_tokens(model))))
+    return ml_collections.ConfigDict(dict(model=model, hidrop=hidrop_defaults("vanilla")))
 
 
 def config_to_hf(cfg) -> dict:
@@ -338,7 +335,7 @@ def save_checkpoint(out_dir, cfg, params) -> None:
         ckptr.save(out / "params", params, force=True)
         ckptr.wait_until_finished()
     tmp = out / "config.json.tmp"
-    tmp.write_text(cfg.to_json(indent=1))
+    tmp.write_text(resolved(cfg).to_json(indent=1))
     os.replace(tmp, out / "config.json")
 
 
@@ -357,7 +354,7 @@ def load_checkpoint(ckpt_dir, *, check_shapes: bool = True):
         if not (d / need).exists():
             raise FileNotFoundError(f"{d / need} does not exist (not a hidrop_jax checkpoint or "
                                     "training workdir)")
-    cfg = ml_collections.ConfigDict(json.loads((d / "config.json").read_text()))
+    cfg = upgrade(ml_collections.ConfigDict(json.loads((d / "config.json").read_text())))
     with ocp.StandardCheckpointer() as ckptr:
         if check_shapes:
             target = abstract_params(cfg)

@@ -42,7 +42,8 @@ def main(argv=None):
     from hidrop_jax import sharding as shard_lib
     from hidrop_jax import train as train_lib
     from hidrop_jax.export import save_hf
-    from hidrop_jax.hidrop.schedule import from_config, hidrop_config, vision_flops
+    from hidrop_jax.config import schedule_of, with_schedule
+    from hidrop_jax.hidrop.schedule import vision_flops
 
     work = Path(a.workdir).absolute()
     cfg = tiny.get_config(f"schedule={a.schedule}")
@@ -71,10 +72,9 @@ def main(argv=None):
     results, flops = {}, {}
     t = cfg.model.text
     for name in dict.fromkeys((a.schedule, "vanilla")):  # once each, also when training vanilla
-        c = cfg.copy_and_resolve_references()
-        c.hidrop = hidrop_config(name, t.num_layers, spec.n_vision)
+        c = with_schedule(cfg.copy_and_resolve_references(), name)
         results[name] = eval_lib.evaluate_params(c, params, eval_src, tok, spec, mesh, max_batches=nb)
-        flops[name] = vision_flops(from_config(c), t.hidden_size, t.intermediate_size)
+        flops[name] = vision_flops(schedule_of(c), t.hidden_size, t.intermediate_size)
     report["step"] = int(step)
     report["eval"] = results
     report["vision_flops_ratio"] = flops[a.schedule] / flops["vanilla"]

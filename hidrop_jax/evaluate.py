@@ -20,7 +20,7 @@ import numpy as np
 
 from hidrop_jax.data import pipeline as data_lib
 from hidrop_jax.data.shapes import QUESTION_TYPES
-from hidrop_jax.hidrop.schedule import from_config as schedule_of
+from hidrop_jax.config import schedule_of, upgrade, with_schedule
 from hidrop_jax.model import forward
 
 
@@ -153,7 +153,7 @@ def load_run(workdir):
     cfg_file = workdir / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{cfg_file} does not exist: not a training workdir")
-    cfg = ml_collections.ConfigDict(json.loads(cfg_file.read_text()))
+    cfg = upgrade(ml_collections.ConfigDict(json.loads(cfg_file.read_text())))
     mgr = ocp.CheckpointManager(workdir / "checkpoints")
     step = mgr.latest_step()
     if step is None:
@@ -175,13 +175,10 @@ def main(argv=None):
     a = ap.parse_args(argv)
     from hidrop_jax import sharding as shard_lib
     from hidrop_jax.data.sources import load_source
-    from hidrop_jax.hidrop.schedule import hidrop_config
     from hidrop_jax.train import data_setup
     cfg, params, step = load_run(a.workdir)
     if a.schedule:
-        from hidrop_jax.config import n_vision_tokens
-        cfg.hidrop = hidrop_config(a.schedule, cfg.model.text.num_layers, n_vision_tokens(cfg.model),
-                                   selection=cfg.hidrop.selection, positions=cfg.hidrop.positions)
+        with_schedule(cfg, a.schedule)
     workdir = Path(a.workdir).absolute()
     tok, spec, _, _ = data_setup(cfg, workdir)
     src = load_source(cfg.data.name, a.split, cfg.data.data_dir or str(workdir / "data"),

@@ -25,6 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from hidrop_jax.config import resolved
 from hidrop_jax.convert import TABLE, to_hf, config_to_hf, expected_tensors
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
@@ -213,7 +214,7 @@ def save_hf(cfg, params, out_dir, tokenizer=None, *, max_shard_bytes: int = DEFA
     try:
         _write_weights(tmp, cfg, params, max_shard_bytes)
         if "hidrop" in cfg:
-            (tmp / "hidrop_schedule.json").write_text(cfg.hidrop.to_json(indent=1) + "\n")
+            (tmp / "hidrop_schedule.json").write_text(resolved(cfg).hidrop.to_json(indent=1) + "\n")
         if tokenizer is not None:
             _write_processor(tmp, cfg, tokenizer, image_token)
         # config.json last: a directory with it is a complete model.

@@ -53,8 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from hidrop_jax.config import n_vision_tokens
-from hidrop_jax.hidrop import schedule as schedule_lib
+from hidrop_jax.config import n_vision_tokens, schedule_of, with_schedule
+from hidrop_jax.hidrop.schedule import PRESETS
 from hidrop_jax.layers.llama import Embedder
 from hidrop_jax.layers.rope import rope_tables
 from hidrop_jax.model import (Inputs, StageKV, stage_positions, decode_layers, forward_hidden,
@@ -85,7 +85,7 @@ def prefill(cfg, params, inputs: Inputs, max_new_tokens: int):
     ignored); `kept` = per cut the original vision indices kept [B, k] (as `forward`'s aux).
     """
     m = cfg.model
-    s = schedule_lib.from_config(cfg)
+    s = schedule_of(cfg)
     q_idx, q_valid = last_prompt_row(inputs)
     inputs = inputs._replace(query_idx=q_idx, query_valid=q_valid)
     x, aux = forward_hidden(cfg, params, inputs, collect_kv=True)
@@ -111,7 +111,7 @@ def decode_step(cfg, params, state: State, tokens):
     """Feeds tokens [B] at `state.next_pos` -> (logits [B, V] float32 of the token after them,
     the next State). Every layer attends to its own stage's cache."""
     m = cfg.model
-    s = schedule_lib.from_config(cfg)
+    s = schedule_of(cfg)
     td = text_dims(m)
     layers = params["text"]["layers"]
     x = Embedder(td.vocab_size, td.hidden_size, td.dtype).apply(
@@ -330,7 +330,7 @@ def prompt_inputs(cfg, tokenizer, prompt: str, pixels=None, template: str = "v1"
 
 def describe_stages(cfg, kept) -> list[str]:
     """Human-readable vision tokens per stage and the kept indices of every cut (sample 0)."""
-    s = schedule_lib.from_config(cfg)
+    s = schedule_of(cfg)
     lines = []
     for a, b, n in s.segments():
         what = "text only" if n == 0 else f"{n} vision tokens"
@@ -351,7 +351,7 @@ def main(argv=None):
     src.add_argument("--hf", help="a Hugging Face LLaVA directory")
     ap.add_argument("--image", help="an image file (any size: padded to a square and resized)")
     ap.add_argument("--prompt", required=True)
-    ap.add_argument("--schedule", help=f"a HiDrop preset {schedule_lib.PRESETS} (default: the "
+    ap.add_argument("--schedule", help=f"a HiDrop preset {PRESETS} (default: the "
                     "checkpoint's, or hidrop_schedule.json beside HF weights, else vanilla)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -364,8 +364,7 @@ def main(argv=None):
 
     cfg, params, tok = _load(args)
     if args.schedule:
-        cfg.hidrop = schedule_lib.hidrop_config(args.schedule, cfg.model.text.num_layers,
-                                                n_vision_tokens(cfg.model))
+        with_schedule(cfg, args.schedule)
     pixels = None
     if args.image:
         from hidrop_jax.data.image import preprocess
@@ -384,7 +383,7 @@ def main(argv=None):
     print(tok.decode(ids, skip_special_tokens=True).strip())
     name = cfg.hidrop.get("name", "custom")
     print(f"\n[{n} tokens generated: {ids}; schedule {name}: mean "
-          f"{schedule_lib.from_config(cfg).mean_tokens():.1f} vision tokens/layer]")
+          f"{schedule_of(cfg).mean_tokens():.1f} vision tokens/layer]")
     if pixels is not None:
         print("\n".join(describe_stages(cfg, out["kept"])))
 

@@ -19,8 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hidrop_jax.config import feature_layers_run, initializer_range, n_vision_tokens
-from hidrop_jax.hidrop import schedule as schedule_lib
+from hidrop_jax.config import feature_layers_run, initializer_range, n_vision_tokens, schedule_of
 from hidrop_jax.hidrop.select import score_vision, select
 from hidrop_jax.layers.clip import VisionDims, init_vision, vision_hidden_state
 from hidrop_jax.layers.common import dense, slice_layers, stacked
@@ -214,7 +213,7 @@ def forward_hidden(cfg, params, inputs: Inputs, *, vision=None, collect_kv: bool
     segment of `Schedule.segments()` (what every layer attended to: prefill for generation).
     """
     m = cfg.model
-    s = schedule_lib.from_config(cfg)
+    s = schedule_of(cfg)
     td = text_dims(m)
     layers = params["text"]["layers"]
     b, T = inputs.text_ids.shape

@@ -23,9 +23,8 @@ import numpy as np
 import optax
 
 from hidrop_jax import sharding as shard_lib
-from hidrop_jax.config import TRAINABLE
+from hidrop_jax.config import TRAINABLE, resolved, schedule_of
 from hidrop_jax.data import pipeline as data_lib
-from hidrop_jax.hidrop.schedule import from_config as schedule_of
 from hidrop_jax.model import abstract_params, forward
 
 log = logging.getLogger("hidrop_jax.train")
@@ -244,7 +243,7 @@ def train(cfg, workdir) -> dict:
     lead = jax.process_index() == 0
     tok, spec, train_src, eval_src = data_setup(cfg, workdir)
     if lead:
-        (workdir / "config.json").write_text(cfg.to_json(indent=1))
+        (workdir / "config.json").write_text(resolved(cfg).to_json(indent=1))
     tx, lr_sched = make_optimizer(t, abstract_params(cfg))
     state = init_state(cfg, mesh, tx)
     loader = data_lib.make_loader(train_src, tok, spec, global_batch_size=t.batch_size, seed=t.seed)

@@ -13,6 +13,7 @@ from safetensors.numpy import load_file, save_file
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from hf_tiny import make_batch, make_hf_llava
+from hidrop_jax.config import schedule_of
 from hidrop_jax.convert import config_from_hf, config_to_hf, load_checkpoint, load_hf
 from hidrop_jax.model import abstract_params, count_params, forward_hf, init_params
 
@@ -126,7 +127,8 @@ def test_import_cli_writes_loadable_checkpoint(hf_dir, tmp_path):
     cfg, params = load_checkpoint(out)
     _, ref = load_hf(hf_dir)
     jax.tree.map(np.testing.assert_array_equal, params, ref)
-    assert cfg.hidrop.prune_after == [] and cfg.hidrop.exit_layer is None
+    s = schedule_of(cfg)
+    assert s.prune_after == () and s.exit == cfg.model.text.num_layers and s.inject_layer == 0
 
 
 @pytest.mark.parametrize("name", ["llava15_7b", "llava15_13b", "tiny_shapes"])

@@ -10,7 +10,7 @@ import pytest
 
 import tiny_config
 from hidrop_jax import xla_graph
-from hidrop_jax.hidrop.schedule import hidrop_config
+from hidrop_jax.config import schedule_of, with_schedule
 from hidrop_jax.model import Inputs, abstract_params, encode_image, forward, init_params
 
 B, T = 2, 16
@@ -43,10 +43,10 @@ def _by_hand(cfg):
 @pytest.mark.parametrize("schedule", ["tok64", "vanilla"])
 def test_vision_branch_is_independent_of_the_text(schedule):
     cfg = tiny_config.get_config()
-    cfg.hidrop = hidrop_config(schedule, cfg.model.text.num_layers, 16)
+    with_schedule(cfg, schedule)
     res = xla_graph.branches(_hlo(cfg), {"text": ("x.text",), "image": ("x.pixels",)})
     layer, text_kv, vision = _by_hand(cfg)
-    inject = cfg.hidrop.inject_layer
+    inject = schedule_of(cfg).inject_layer
     assert (schedule == "vanilla") == (inject == 0)
     # Text-only: the layers before injection + the injection layer's K/V of the text rows.
     assert res["text"] == pytest.approx(2 * (inject * layer + text_kv), rel=1e-9)

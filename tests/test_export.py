@@ -11,7 +11,7 @@ from safetensors import safe_open
 from hidrop_jax import export
 from hidrop_jax.convert import canonical_name, load_hf, main
 from hidrop_jax.export import save_hf
-from hidrop_jax.hidrop.schedule import hidrop_config
+from hidrop_jax.config import resolved, with_schedule
 from hf_tiny import IMAGE_TOKEN, hf_logits, make_batch, make_hf_llava
 
 VARIANTS = {
@@ -69,7 +69,7 @@ def _load_and_compare(model, out):
 def test_round_trip_bit_identical(hf, tmp_path):
     model, d, cfg, params = hf
     cfg = ml_collections.ConfigDict(cfg.to_dict())
-    cfg.hidrop = hidrop_config("pdrop", cfg.model.text.num_layers, 16)  # any schedule travels as is
+    with_schedule(cfg, "pdrop")  # any schedule travels as is
     out = save_hf(cfg, params, tmp_path / "out")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "hidrop_schedule.json", "model.safetensors"]
     _assert_same_files(d, out)  # same names (legacy hub layout), same bits
@@ -78,7 +78,7 @@ def test_round_trip_bit_identical(hf, tmp_path):
     assert conf["text_config"]["rope_theta"] == conf["text_config"]["rope_parameters"]["rope_theta"]
     assert conf["torch_dtype"] == conf["dtype"] == "float32"
     sched = json.loads((out / "hidrop_schedule.json").read_text())
-    assert sched == json.loads(cfg.hidrop.to_json()) and sched["prune_after"]
+    assert sched == json.loads(resolved(cfg).hidrop.to_json()) and sched["prune_after"]
 
 
 def test_sharded_export_loads(hf, tmp_path):

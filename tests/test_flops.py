@@ -16,8 +16,7 @@ import os
 
 import pytest
 
-from hidrop_jax.config import make_config, model_config
-from hidrop_jax.hidrop import schedule as schedule_lib
+from hidrop_jax.config import make_config, model_config, schedule_of
 from hidrop_jax.model import abstract_params
 
 _path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "flops.py")
@@ -75,7 +74,7 @@ def counted():
     out = {}
     for name, (fields, tokens) in SCHEDULES.items():
         cfg.hidrop.update(fields)
-        s = schedule_lib.from_config(cfg)
+        s = schedule_of(cfg)
         assert s.tokens_per_layer() == tokens, name
         full = flops.prefill_flops(cfg, params, T, image=True, compile=False)
         scoring = [flops.cut_flops(cfg, params, n, k, T, compile=False) / 2 for n, k in CUTS[name]]

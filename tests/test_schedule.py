@@ -4,6 +4,10 @@ import importlib
 
 import pytest
 
+from absl import flags
+from ml_collections import config_flags
+
+from hidrop_jax.config import resolved, schedule_of, upgrade
 from hidrop_jax.hidrop.schedule import PRESETS, Schedule, preset, vision_flops
 
 # Vision tokens per 0-based layer for Tok64, written out from DESIGN §1 (not from the code).
@@ -60,9 +64,53 @@ def test_bad_schedules_name_the_field(kwargs, needle):
 
 def test_config_arg_strings():
     cfg = importlib.import_module("configs.llava15_7b").get_config("schedule=tok64,selection=relaxed")
-    assert (cfg.hidrop.inject_layer, tuple(cfg.hidrop.prune_after), tuple(cfg.hidrop.keep),
-            cfg.hidrop.exit_layer, cfg.hidrop.selection) == (8, (9, 13, 15, 17), (215, 10, 5, 1), 24, "relaxed")
+    s = schedule_of(cfg)
+    assert (s.inject_layer, s.prune_after, s.keep, s.exit_layer, s.selection) == (
+        8, (9, 13, 15, 17), (215, 10, 5, 1), 24, "relaxed")
     with pytest.raises(ValueError, match="hidrop schedule 'tok99' is unknown"):
         importlib.import_module("configs.llava15_7b").get_config("schedule=tok99")
     with pytest.raises(ValueError, match="config arg `shedule` is unknown"):
         importlib.import_module("configs.llava15_7b").get_config("shedule=tok64")
+
+
+def _cli_config(*argv):
+    """The config as `python -m hidrop_jax.train` parses it: the file's args, then overrides."""
+    argv = ["prog", *argv]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=False, sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+
+def test_presets_resolve_after_overrides():
+    """A preset follows the model the overrides make (it used to be fixed inside get_config)."""
+    cfg = _cli_config("--config=configs/llava15_7b.py:schedule=tok64", "--config.model.text.num_layers=6")
+    assert schedule_of(cfg) == preset("tok64", 6, 576)
+    cfg = _cli_config("--config=configs/llava15_7b.py", "--config.model.vision.image_size=168")
+    assert schedule_of(cfg).n_vision == 144 and schedule_of(cfg).tokens_per_layer() == [144] * 32
+    cfg = _cli_config("--config=configs/llava15_7b.py:schedule=tok64", "--config.hidrop.name=tok48")
+    assert schedule_of(cfg).keep == (87, 10, 5, 1)
+
+
+def test_explicit_fields_override_the_preset():
+    cfg = _cli_config("--config=configs/llava15_7b.py:schedule=tok64",
+                      "--config.hidrop.keep=(100,10,5,1)", "--config.hidrop.exit_layer=32")
+    s = schedule_of(cfg)
+    assert (s.inject_layer, s.prune_after, s.keep, s.exit) == (8, (9, 13, 15, 17), (100, 10, 5, 1), 32)
+    cfg = _cli_config("--config=configs/llava15_7b.py:schedule=tok64", "--config.hidrop.keep=(700,10,5,1)")
+    with pytest.raises(ValueError, match=r"hidrop.keep\[0\] = 700"):
+        schedule_of(cfg)
+
+
+def test_resolved_config_keeps_its_meaning():
+    """What a run records is explicit: reading it back gives the same schedule, also for a
+    config stored before presets were resolved lazily (exit_layer None meant "no exit")."""
+    import json
+
+    import ml_collections
+    cfg = importlib.import_module("configs.llava15_7b").get_config("schedule=tok64")
+    back = upgrade(ml_collections.ConfigDict(json.loads(resolved(cfg).to_json())))
+    assert schedule_of(back) == schedule_of(cfg)
+    old = json.loads(resolved(cfg).to_json())
+    old["hidrop"].update(exit_layer=None, name="custom")
+    assert schedule_of(upgrade(ml_collections.ConfigDict(old))).exit == 32

@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-import ml_collections
-
 SELECTIONS = ("hard", "relaxed", "mask")
 POSITIONS = ("persistent", "group", "compacted")
 
@@ -148,25 +146,3 @@ def _rescale(p: dict, L: int, n: int) -> dict:
         out["keep"] += (k,)
         prev, kprev = pa, k
     return out
-
-
-def hidrop_config(name: str = "vanilla", num_layers: int = 32, n_vision: int = 576,
-                  **overrides) -> ml_collections.ConfigDict:
-    """`cfg.hidrop` for a preset (validated now, not at step 10,000)."""
-    s = preset(name, num_layers, n_vision, **overrides)
-    return ml_collections.ConfigDict(dict(
-        name=name, inject_layer=s.inject_layer, prune_after=s.prune_after, keep=s.keep,
-        # typed, so `--config.hidrop.exit_layer=24` can override a None (no exit) default
-        exit_layer=ml_collections.FieldReference(s.exit_layer, field_type=int),
-        selection=s.selection, positions=s.positions, temperature=s.temperature))
-
-
-def from_config(cfg) -> Schedule:
-    """The validated Schedule of `cfg.hidrop` for `cfg.model`."""
-    from hidrop_jax.config import n_vision_tokens
-    h = cfg.hidrop
-    return Schedule(
-        num_layers=cfg.model.text.num_layers, n_vision=n_vision_tokens(cfg.model),
-        inject_layer=h.inject_layer, prune_after=tuple(h.prune_after), keep=tuple(h.keep),
-        exit_layer=h.exit_layer, selection=h.selection, positions=h.get("positions", "persistent"),
-        temperature=h.get("temperature", 0.1))
