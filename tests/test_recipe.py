@@ -274,6 +274,7 @@ def _max_diff(a: dict, b: dict, part: str) -> float:
 
 @pytest.mark.slow
 def test_recipe(tmp_path):
+    from hidrop_jax.config import schedule_of
     from hidrop_jax.convert import load_checkpoint, load_hf
     from hidrop_jax.data.sources import load_source, make_builder
     from hidrop_jax.evaluate import load_run
@@ -315,7 +316,7 @@ def test_recipe(tmp_path):
     cfg1, p1, step1 = load_run(runs / "s1")
     assert step1 == 2 and cfg1.train.steps == 2 and cfg1.train.trainable == "projector"  # SHRINK won
     assert cfg1.data.template == "plain" and cfg1.model.text.num_layers == TEXT["num_hidden_layers"]
-    assert cfg1.hidrop.name == "tok64" and len(cfg1.hidrop.prune_after) > 0
+    assert cfg1.hidrop.name == "tok64" and len(schedule_of(cfg1).prune_after) > 0
     for part in ("vision", "text"):
         assert _max_diff(p1, p0, part) == 0.0, part
     moved1 = _max_diff(p1, p0, "projector")
@@ -380,3 +381,73 @@ def _check_hf_logits(out: Path, cfg, params):
     assert valid.sum() == 12 + 11
     want = np.take_along_axis(want, slots[..., None], 1)
     np.testing.assert_allclose(got[valid], want[valid], atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _assemble():
+    sys.path.insert(0, str(REPO / "launch"))
+    try:
+        import assemble_llava
+    finally:
+        sys.path.remove(str(REPO / "launch"))
+    return assemble_llava
+
+
+def test_assemble_names_a_vicuna_without_tokenizer(tmp_path):
+    make_vicuna(tmp_path / "vicuna", with_tokenizer=False)
+    make_clip(tmp_path / "clip")
+    args = ["--llm", str(tmp_path / "vicuna"), "--vision", str(tmp_path / "clip"), "--out", str(tmp_path / "out")]
+    with pytest.raises(FileNotFoundError, match=r"--llm .*vicuna holds no tokenizer .*--tokenizer DIR"):
+        _assemble().main(args)
+    assert not (tmp_path / "out").exists()
+    make_tokenizer().save_pretrained(tmp_path / "tok")  # the way out the message names
+    _assemble().main(args + ["--tokenizer", str(tmp_path / "tok")])
+    assert (tmp_path / "out" / "tokenizer.json").exists()
+
+
+def test_clip_of_another_image_size_is_named(tmp_path):
+    """`train.init_vision` (LLaVA's --vision_tower) checks the tower against the model config."""
+    from hidrop_jax.convert import load_hf_vision
+    from hidrop_jax.model import abstract_params
+    make_vicuna(tmp_path / "vicuna")
+    make_clip(tmp_path / "clip")
+    make_clip(tmp_path / "clip84", image_size=84)
+    _assemble().main(["--llm", str(tmp_path / "vicuna"), "--vision", str(tmp_path / "clip"),
+                      "--out", str(tmp_path / "llava")])
+    from hidrop_jax.convert import load_hf
+    cfg, _ = load_hf(tmp_path / "llava")
+    with pytest.raises(ValueError, match=r"clip84 is not this model's vision tower: its image_size = 84 \(config: 56\)"):
+        load_hf_vision(cfg, tmp_path / "clip84")
+    tower = load_hf_vision(cfg, tmp_path / "clip")  # the right one loads
+    assert _flat(tower).keys() == _flat(abstract_params(cfg)["vision"]).keys()
+
+
+def test_llava_json_refuses_paths_out_of_manual_dir_and_two_image_tags(tmp_path, monkeypatch):
+    """Counted skips naming the record; an escaping path is never opened (a spy on the image
+    reader), even where it names a readable image."""
+    from hidrop_jax.data import llava_json
+    from hidrop_jax.data.sources import load_source, make_builder
+    m = tmp_path / "manual"
+    image(m / "ok.jpg", 0)
+    image(tmp_path / "outside.jpg", 1)
+    q = turn("<image>\nWhat color is it?", "It is red.")
+    recs = [{"id": "ok", "image": "ok.jpg", "conversations": q},
+            {"id": "climb", "image": "../outside.jpg", "conversations": q},
+            {"id": "passwd", "image": "../../etc/passwd", "conversations": q},
+            {"id": "abs", "image": str(tmp_path / "outside.jpg"), "conversations": q},
+            {"id": "inner_dots", "image": "sub/../ok.jpg", "conversations": q},  # stays inside: fine
+            {"id": "two_tags", "image": "ok.jpg", "conversations": q + turn("<image>\nAnd now?", "Blue.")}]
+    (m / "data.json").write_text(json.dumps(recs))
+    opened = []
+    real = llava_json.load_image_bytes
+    monkeypatch.setattr(llava_json, "load_image_bytes", lambda p: opened.append(p) or real(p))
+    spec, d = "llava_json:json_file=data.json", str(tmp_path / "tfds")
+    src = load_source(spec, "train", d, manual_dir=str(m))
+    assert sorted(src[i]["id"].decode() for i in range(len(src))) == ["inner_dots", "ok"]
+    meta = make_builder(spec, d).info.metadata
+    assert {k: v for k, v in meta["skipped_ids"].items() if v} == {
+        "unsafe_path": ["climb", "passwd", "abs"], "image_tags": ["two_tags"]}
+    assert meta["skipped"]["unsafe_path"] == 3 and meta["skipped"]["image_tags"] == 1
+    root = str(m) + os.sep
+    assert len(opened) == 2 and all(os.path.abspath(p).startswith(root) for p in opened), opened
