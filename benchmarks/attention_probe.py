@@ -40,7 +40,7 @@ def features(cfg, split: str, n: int):
     import jax
 
     from hidrop_jax.config import feature_layers_run
-    from hidrop_jax.convert import load_hf_vision
+    from hidrop_jax.hf.load import load_hf_vision
     from hidrop_jax.data import shapes
     from hidrop_jax.data.image import preprocess
     from hidrop_jax.data.shapes_vqa import ShapesVqa

@@ -47,6 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from hidrop_jax.config import make_config, model_config, schedule_of  # noqa: E402
+from hidrop_jax.metrics import token_nll  # noqa: E402
 from hidrop_jax import xla_graph  # noqa: E402
 from hidrop_jax.model import Inputs, encode_image, forward, init_params  # noqa: E402
 
@@ -74,7 +75,7 @@ def bench_config(width: int, schedule: str):
 
 def make_inputs(cfg, batch: int, text_len: int, seed: int = 0) -> tuple[Inputs, object]:
     """A prompt of `text_len` text tokens with the image after 8 of them; answer rows labelled."""
-    from hidrop_jax.data.pipeline import Targets
+    from hidrop_jax.batch import Targets
     rng = np.random.default_rng(seed)
     n = schedule_of(cfg).n_vision
     ids = rng.integers(5, cfg.model.text.vocab_size, (batch, text_len)).astype(np.int32)
@@ -119,7 +120,7 @@ def measure_schedule(name: str, params, a) -> dict:
     train_s = timed(lambda: compiled(state, inputs, targets)[1]["loss"], a.repeats)
     frozen = {"vision": params["vision"]}
     trainable = {k: v for k, v in params.items() if k != "vision"}
-    grad = jax.jit(jax.grad(lambda p: train_lib.token_nll(forward(cfg, frozen | p, inputs), targets)[0]))
+    grad = jax.jit(jax.grad(lambda p: token_nll(forward(cfg, frozen | p, inputs), targets)[0]))
     grad_s = timed(lambda: grad(trainable), a.repeats)
     one, _ = make_inputs(cfg, 1, a.text_len, seed=1)
     one = one._replace(query_idx=None, query_valid=None)
@@ -163,8 +164,8 @@ def torch_vs_ours(params, a) -> dict:
     """Our vanilla prefill vs PyTorch's on identical weights, same CPU thread count."""
     import torch
     from transformers import LlavaForConditionalGeneration
-    from hidrop_jax.evaluate import expand_image_tokens
-    from hidrop_jax.export import save_hf
+    from hidrop_jax.hf.inputs import expand_image_tokens
+    from hidrop_jax.hf.save import save_hf
     cfg = bench_config(a.width, "vanilla")
     one, _ = make_inputs(cfg, 1, a.text_len, seed=1)
     one = one._replace(query_idx=None, query_valid=None)

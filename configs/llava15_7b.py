@@ -4,15 +4,12 @@
     configs/llava15_7b.py:schedule=tok64   HiDrop Tok64 (88.9% of vision compute pruned)
 """
 
-from hidrop_jax.config import make_config, model_config
-
-VISION_L14_336 = dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
-                      num_layers=24, num_heads=16, layer_norm_eps=1e-5, hidden_act="quick_gelu")
+from hidrop_jax.config import CLIP_L14_336, make_config, model_config
 
 
 def get_config(arg: str = ""):
     model = model_config(
-        vision=VISION_L14_336,
+        vision=CLIP_L14_336,
         text=dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_layers=32,
                   num_heads=32, num_kv_heads=32, rms_norm_eps=1e-5, rope_theta=10000.0,
                   max_position_embeddings=4096),

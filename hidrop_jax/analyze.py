@@ -31,18 +31,22 @@ proposed inject/exit, as in the paper) or `INJECT:EXIT`.
 from __future__ import annotations
 
 import argparse
-import copy
-import functools
 import json
-import math
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from hidrop_jax.hidrop import analysis as an
+from hidrop_jax import cli
+from hidrop_jax.analysis import plots, probes
+from hidrop_jax.analysis import report as reporting
+from hidrop_jax.hidrop import propose as proposal
+from hidrop_jax.data.sources import data_dir_for, load_source
+from hidrop_jax.data import pipeline as data_lib
+from hidrop_jax.data.tokenizer import load_tokenizer, shapes_vqa_tokenizer
+from hidrop_jax.checkpoint import find_tokenizer, open_run
+from hidrop_jax.config import n_vision_tokens, schedule_of
 
 DEFAULT_SPLIT = "validation"
 
@@ -58,7 +62,6 @@ def parse_data(spec: str):
 
 
 def open_source(spec: str, data_dir: str, manual_dir=None):
-    from hidrop_jax.data.sources import load_source
     name, split = parse_data(spec)
     try:
         return load_source(name, split, data_dir, manual_dir=manual_dir), name, split
@@ -70,46 +73,30 @@ def open_source(spec: str, data_dir: str, manual_dir=None):
         raise ValueError(f"--data {spec!r}: {msg}") from None
 
 
-def _has_tokenizer(d: Path) -> bool:
-    return (d / "tokenizer.json").exists() or (d / "tokenizer_config.json").exists()
-
-
 def load_model(a):
     """(cfg, params, tokenizer, spec, data_dir, source description) for --workdir / --hf."""
-    from hidrop_jax.data import pipeline as data_lib
-    from hidrop_jax.data.tokenizer import load_tokenizer, shapes_vqa_tokenizer
-    if a.workdir:
-        from hidrop_jax.evaluate import load_run
-        cfg, params, step = load_run(a.workdir)
-        wd = Path(a.workdir).absolute()
-        d = cfg.data
-        if a.tokenizer:
-            tok = load_tokenizer(a.tokenizer)
-        elif d.tokenizer:
-            tok = load_tokenizer(d.tokenizer)
-        elif (wd / "tokenizer").exists():
-            tok = load_tokenizer(str(wd / "tokenizer"))
-        elif d.name.startswith("shapes_vqa"):
-            tok = shapes_vqa_tokenizer()
-        else:
-            raise ValueError(f"{wd} has no tokenizer/ and data.tokenizer is empty: pass --tokenizer")
-        data_dir = a.data_dir or d.data_dir or str(wd / "data")
-        template, max_len, nq = d.template, d.max_len, d.num_queries
-        origin = dict(workdir=str(wd), step=int(step))
-    else:
-        from hidrop_jax.convert import load_hf
-        hf = Path(a.hf)
-        cfg, params = load_hf(hf)
-        tok_dir = Path(a.tokenizer) if a.tokenizer else hf
-        if not _has_tokenizer(tok_dir):
-            raise ValueError(
-                f"no tokenizer in {str(tok_dir)!r} (tokenizer.json): the data must be tokenized "
-                f"with the model's own vocabulary ({cfg.model.text.vocab_size} ids); save it "
-                "there or pass --tokenizer DIR")
+    path = Path(a.workdir or a.hf).absolute()
+    run = open_run(path)
+    cfg, params = run.cfg, run.params
+    tok_dir = find_tokenizer(path, cfg, explicit=a.tokenizer)
+    d = cfg.get("data") or {}
+    if tok_dir is not None:
         tok = load_tokenizer(str(tok_dir))
-        data_dir = a.data_dir or str(Path(a.out) / "data")
-        template, max_len, nq = "v1", 128, 4
-        origin = dict(hf=str(hf.absolute()))
+    elif d.get("name", "").startswith("shapes_vqa"):
+        tok = shapes_vqa_tokenizer()
+    else:
+        raise ValueError(
+            f"no tokenizer in {path} (tokenizer.json): the data must be tokenized with the "
+            f"model's own vocabulary ({cfg.model.text.vocab_size} ids); save it there or pass "
+            "--tokenizer DIR")
+    if run.kind == "workdir":
+        data_dir = data_dir_for(parse_data(a.data)[0], a.data_dir or d.data_dir, path / "data")
+        template, max_len, nq = d.template, d.max_len, d.num_queries
+        origin = dict(workdir=str(path), step=int(run.step))
+    else:
+        data_dir = data_dir_for(parse_data(a.data)[0], a.data_dir, Path(a.out) / "data")
+        template, max_len, nq = d.get("template", "v1"), 128, 4
+        origin = dict(hf=str(path)) if run.kind == "hf" else dict(checkpoint=str(path))
     if len(tok) > cfg.model.text.vocab_size:
         raise ValueError(f"tokenizer has {len(tok)} tokens but the model's vocabulary has "
                          f"{cfg.model.text.vocab_size}: not this model's tokenizer")
@@ -154,9 +141,8 @@ def ilvas_window(a, cfg, L):
     if mode in ("vanilla", "proposed"):
         return None
     if mode == "run":
-        h = cfg.hidrop
-        ex = L if h.exit_layer is None else int(h.exit_layer)
-        return (int(h.inject_layer), ex)
+        s = schedule_of(cfg)
+        return (s.inject_layer, s.exit)
     try:
         inj, ex = (int(v) for v in mode.split(":"))
     except ValueError:
@@ -172,267 +158,6 @@ def check_window(window, ns, L):
         if ex - 1 - n < inj:
             raise ValueError(f"--ilvas-n {n}: with vision tokens only in layers [{inj}, {ex}) no "
                              f"layer pair (l, l+{n}) has them both; use a smaller n")
-
-
-# ----------------------------------------------------------------------------- streaming
-
-class Sums:
-    """Host-side float64 accumulators of the jitted batch statistics."""
-
-    def __init__(self):
-        self.d = {}
-
-    def add(self, out: dict):
-        for k, v in jax.device_get(out).items():
-            if k == "probe_hits":
-                continue
-            if isinstance(v, dict):
-                for n, x in v.items():
-                    key = f"{k}/{n}"
-                    self.d[key] = self.d.get(key, 0) + np.asarray(x, np.float64)
-            else:
-                self.d[k] = self.d.get(k, 0) + np.asarray(v, np.float64)
-
-    def ratio(self, num, den):
-        with np.errstate(all="ignore"):
-            return np.asarray(self.d[num]) / np.asarray(self.d[den])
-
-
-def stream(a, cfg, params, tok, spec, source, *, curves, ilvas, ns, topk, vision_on, desc):
-    """One pass over the first `--samples` examples: (Sums, probe accuracy counts, samples,
-    samples with an image, first batch)."""
-    from tqdm import tqdm
-    from hidrop_jax.data import pipeline as data_lib
-    fn = jax.jit(functools.partial(an.batch_statistics, cfg, ns=ns, topk=topk,
-                                   ilvas_mode=a.ilvas_mode, curves=curves, ilvas=ilvas))
-    n_total = min(a.samples, len(source))
-    n_batches = math.ceil(n_total / a.batch_size)
-    sums, seen, with_img = Sums(), 0, 0
-    correct, rounds, first = None, 0, None
-    bar = tqdm(total=n_batches, desc=desc, unit="batch")
-    for batch in data_lib.eval_batches(source, tok, spec, batch_size=a.batch_size,
-                                       shard_index=0, shard_count=1):
-        inputs, targets = data_lib.to_inputs(batch)
-        idx = seen + np.arange(len(batch["example_valid"]))
-        weight = (np.asarray(batch["example_valid"]) & (idx < n_total)).astype(np.float32)
-        seen += len(idx)
-        with_img += int((weight * np.asarray(inputs.has_image)).sum())
-        if first is None:
-            first = (inputs, targets)
-        out = fn(params, inputs, targets.labels, targets.loss_mask, weight,
-                 ilvas_vision_on=vision_on)
-        sums.add(out)
-        if curves:
-            w_img = weight * np.asarray(inputs.has_image)
-            c, r = an.round_accuracy(jax.device_get(out["probe_hits"]), targets.loss_mask,
-                                     targets.label_round, w_img)
-            correct = c if correct is None else correct + c
-            rounds += r
-        bar.update(1)
-        if seen >= n_total:
-            break
-    bar.close()
-    return sums, (correct, rounds), int(min(seen, n_total)), with_img, first
-
-
-def ilvas_curves(sums, ns, L, window):
-    """{n: [L] list with None where undefined} from the summed ILVAS."""
-    inj, ex = window
-    out = {}
-    for n in ns:
-        v = sums.ratio(f"ilvas_sum/{n}", "ilvas_count")
-        full = [None] * L
-        for l in range(L - n):
-            if inj <= l and l + n < ex and np.isfinite(v[l]):
-                full[l] = float(v[l])
-        out[str(n)] = full
-    return out
-
-
-def _list(x):
-    return [None if not np.isfinite(v) else float(v) for v in np.asarray(x, np.float64)]
-
-
-# ----------------------------------------------------------------------------- outputs
-
-def _mark(ax, prop, *, what=("inject", "cuts", "exit")):
-    if prop is None:
-        return
-    if "inject" in what:
-        ax.axvline(prop["inject_layer"], color="tab:green", lw=1.5,
-                   label=f"inject_layer={prop['inject_layer']}")
-    if "cuts" in what:
-        for i, p in enumerate(prop["prune_after"]):
-            ax.axvline(p, color="tab:orange", ls=":", lw=1.2,
-                       label="prune_after" if i == 0 else None)
-    if "exit" in what:
-        ax.axvline(prop["exit_layer"], color="tab:red", ls="--", lw=1.2,
-                   label=f"exit_layer={prop['exit_layer']}")
-
-
-def plot_all(report: dict, out: Path, size=(8, 4.5), dpi=100):
-    """The curve PNGs (size·dpi pixels each); returns their paths."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-    prop = report.get("proposal") if "inject_layer" in report.get("proposal", {}) else None
-    L = report["model"]["num_layers"]
-    layers = np.arange(L)
-    files = []
-
-    def save(fig, name):
-        for ax in fig.axes:
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        fig.tight_layout()
-        path = out / name
-        fig.savefig(path, dpi=dpi)
-        plt.close(fig)
-        files.append(str(path))
-
-    f = lambda v: np.asarray([np.nan if x is None else x for x in v], float)
-    fig, (ax, axv) = plt.subplots(1, 2, figsize=size, gridspec_kw=dict(width_ratios=(3, 2)))
-    for k in an.MODALITIES:
-        ax.plot(layers, f(report["intra_modal"][k]), marker="o", ms=3, label=k)
-    _mark(ax, prop)
-    ax.set(xlabel="layer l (0-based)", ylabel="mean cos(h_l, h_{l+1})",
-           title="intra-modal similarity (vanilla model)")
-    ax.legend(fontsize=8)
-    c = f(report["intra_modal"]["vision"])
-    axv.plot(layers, c, marker="o", ms=3, color="tab:orange")  # own y-range: the dips show
-    if prop:
-        axv.plot([prop["inject_layer"]], [c[prop["inject_layer"]]], "v", color="tab:green", ms=10,
-                 label="chosen dip")
-        axv.legend(fontsize=8)
-    _mark(axv, prop, what=("inject",))
-    axv.set(xlabel="layer l (0-based)", title="vision (zoom): inject at the dip")
-    save(fig, "intra_modal.png")
-
-    fig, ax = plt.subplots(figsize=size)
-    ax.plot(layers, f(report["cross_modal"]), marker="o", ms=3, color="tab:purple")
-    _mark(ax, prop, what=("inject",))
-    ax.set(xlabel="layer l (0-based)", ylabel="cos(own image, other image)",
-           title="cross-modal: instruction states after layer l (≈1: no fusion yet)")
-    if prop:  # only the marks carry labels
-        ax.legend(fontsize=8)
-    save(fig, "cross_modal.png")
-
-    fig, ax = plt.subplots(figsize=size)
-    for n, c in report["ilvas"]["curves"].items():
-        ax.plot(layers, f(c), marker="o", ms=3, label=f"ILVAS(l, l+{n}, K={report['ilvas']['topk']})")
-    if prop:
-        comb = f(report["proposal"]["details"]["pruning"]["combined"])
-        sel = [p + 1 for p in prop["prune_after"]]
-        ax.plot(sel, comb[sel], "*", color="tab:orange", ms=14, label="chosen maxima (cut after l−1)")
-    _mark(ax, prop)
-    ax.set(xlabel="layer l (0-based)", ylabel="ILVAS",
-           title=f"ILVAS on the {report['ilvas']['model']} model")
-    ax.legend(fontsize=8)
-    save(fig, "ilvas.png")
-
-    fig, ax = plt.subplots(figsize=size)
-    ex = np.arange(1, L + 1)
-    probe = report["exit_probe"]
-    loss = f(probe["loss"])
-    ax.plot(ex, loss, marker="o", ms=3, color="tab:blue", label="loss (vision dropped from e on)")
-    if np.isfinite(loss[-1]):
-        tol = report["settings"]["tolerance"]
-        ax.axhspan(loss[-1], loss[-1] * (1 + tol), color="tab:blue", alpha=0.12,
-                   label=f"baseline +{tol:.0%}")
-    _mark(ax, prop, what=("exit",))
-    ax.set(xlabel="exit layer e (vision tokens dropped from layer e on; e = L: vanilla)",
-           ylabel="loss per answer token", title="early-exit probe (no training)")
-    if probe.get("answer_accuracy") is not None:
-        ax2 = ax.twinx()
-        ax2.plot(ex, f(probe["answer_accuracy"]), marker="s", ms=3, color="tab:gray", ls="--",
-                 label="answer accuracy")
-        ax2.set_ylabel("answer accuracy")
-        ax2.legend(fontsize=8, loc="lower right")
-    ax.legend(fontsize=8, loc="upper right")
-    save(fig, "exit_probe.png")
-
-    if prop:
-        fig, ax = plt.subplots(figsize=size)
-        ax.bar(layers, prop["tokens_per_layer"], color="tab:cyan")
-        ax.set_yscale("symlog", linthresh=1)
-        ax.set(xlabel="layer (0-based)", ylabel="vision tokens",
-               title=f"proposed schedule: mean {prop['mean_tokens']:.2f} tokens/layer "
-                     f"(budget {report['settings']['budget']:g})")
-        save(fig, "schedule.png")
-    return files
-
-
-def unnormalize(pixels, mean, std):
-    """CLIP-normalised float [H, W, 3] -> uint8."""
-    x = np.asarray(pixels, np.float32) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
-    return (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)
-
-
-def draw_stages(cfg, params, schedule, inputs, spec, out: Path, n_show: int):
-    """PNG per sample and cut (+ the input, + a strip of all) under `schedule`: which patches
-    survive. Returns the paths."""
-    from PIL import Image
-    from hidrop_jax.config import n_vision_tokens
-    from hidrop_jax.model import forward
-    if n_show < 1 or not schedule.prune_after:
-        return []
-    c = copy.deepcopy(cfg)
-    c.hidrop.update(inject_layer=schedule.inject_layer, prune_after=tuple(schedule.prune_after),
-                    keep=tuple(schedule.keep), exit_layer=schedule.exit)
-    q = an.last_prompt_row(inputs)
-    ins = inputs._replace(query_idx=q[:, None], query_valid=jnp.ones((len(q), 1), bool))
-    kept = jax.jit(lambda p, x: forward(c, p, x, return_aux=True)[1]["kept"])(params, ins)
-    kept = [np.asarray(k) for k in jax.device_get(kept)]
-    m = cfg.model
-    grid = m.vision.image_size // m.vision.patch_size
-    cls = n_vision_tokens(m) != grid * grid
-    scale = an.display_scale(m.vision.image_size)
-    d = out / "stages"
-    d.mkdir(parents=True, exist_ok=True)
-    files = []
-    for b in np.flatnonzero(np.asarray(inputs.has_image))[:n_show]:
-        img = unnormalize(np.asarray(inputs.pixels[b]), spec.image_mean, spec.image_std)
-        panels = [np.repeat(np.repeat(img, scale, 0), scale, 1)]
-        path = d / f"sample{b}_input.png"
-        Image.fromarray(panels[0]).save(path)
-        files.append(str(path))
-        for i, (p, k) in enumerate(zip(schedule.prune_after, schedule.keep)):
-            pic = an.patch_overlay(img, kept[i][b], grid, cls_token=cls, scale=scale)
-            path = d / f"sample{b}_cut{i + 1}_after_layer{p}_keep{k}.png"
-            Image.fromarray(pic).save(path)
-            files.append(str(path))
-            panels.append(pic)
-        sep = np.full((panels[0].shape[0], 6, 3), 255, np.uint8)
-        strip = np.concatenate([x for pnl in panels for x in (pnl, sep)][:-1], axis=1)
-        path = d / f"sample{b}_all_stages.png"
-        Image.fromarray(strip).save(path)
-        files.append(str(path))
-    return files
-
-
-def preset_snippet(s, report) -> str:
-    return (f"# Proposed by `python -m hidrop_jax.analyze` from {report['data']['samples']} samples "
-            f"of {report['data']['name']}:{report['data']['split']}\n"
-            f"# ({report['model']['num_layers']} layers, {report['model']['n_vision']} vision "
-            f"tokens, budget {report['settings']['budget']:g}; 0-based layers).\n"
-            f"#   cfg.hidrop.update(PROPOSED)\n"
-            f"#   Schedule(num_layers={s.num_layers}, n_vision={s.n_vision}, **PROPOSED)\n"
-            f"PROPOSED = dict(inject_layer={s.inject_layer}, prune_after={tuple(s.prune_after)}, "
-            f"keep={tuple(s.keep)}, exit_layer={s.exit})\n")
-
-
-def _json_safe(x):
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return None if not np.isfinite(x) else float(x)
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
 
 
 # ----------------------------------------------------------------------------- main
@@ -470,7 +195,6 @@ def build_parser():
 
 def main(argv=None):
     a = build_parser().parse_args(argv)
-    from hidrop_jax.config import n_vision_tokens
     t0 = time.time()
     out = Path(a.out)
     cfg, params, tok, spec, data_dir, origin = load_model(a)
@@ -486,8 +210,8 @@ def main(argv=None):
     params = jax.device_put(params)
 
     same_pass = a.ilvas_model != "proposed"
-    flags = None if window is None else jnp.asarray(an.vision_flags(L, *window))
-    sums, (correct, rounds), samples, with_img, first = stream(
+    flags = None if window is None else jnp.asarray(probes.vision_flags(L, *window))
+    sums, (correct, rounds), samples, with_img, first = reporting.stream(
         a, cfg, params, tok, spec, source, curves=True, ilvas=same_pass, ns=ns, topk=topk,
         vision_on=flags, desc="analyze")
     if with_img == 0:
@@ -501,96 +225,59 @@ def main(argv=None):
         settings=dict(budget=a.budget, tolerance=a.tolerance, topk=topk, ilvas_n=list(ns),
                       ilvas_mode=a.ilvas_mode, max_cuts=a.max_cuts,
                       min_prominence=a.min_prominence),
-        intra_modal={k: _list(intra[:, i]) for i, k in enumerate(an.MODALITIES)},
-        cross_modal=_list(sums.ratio("cross_sum", "cross_count")),
+        intra_modal={k: reporting.as_list(intra[:, i]) for i, k in enumerate(probes.MODALITIES)},
+        cross_modal=reporting.as_list(sums.ratio("cross_sum", "cross_count")),
         exit_probe=dict(
-            exit_layer=list(range(1, L + 1)), loss=_list(probe_loss),
+            exit_layer=list(range(1, L + 1)), loss=reporting.as_list(probe_loss),
             token_accuracy=None, answer_accuracy=None, answer_rounds=rounds,
-            baseline_loss=_list(probe_loss[-1:])[0]),
+            baseline_loss=reporting.as_list(probe_loss[-1:])[0]),
     )
     if rounds:
-        report["exit_probe"]["answer_accuracy"] = _list(correct / rounds)
+        report["exit_probe"]["answer_accuracy"] = reporting.as_list(correct / rounds)
     if float(sums.d.get("probe_tokens", 0)):
-        report["exit_probe"]["token_accuracy"] = _list(sums.ratio("probe_hit_sum", "probe_tokens"))
+        report["exit_probe"]["token_accuracy"] = reporting.as_list(sums.ratio("probe_hit_sum", "probe_tokens"))
 
     vision_curve = report["intra_modal"]["vision"]
     if window is None and a.ilvas_model == "proposed":
-        inj, _ = an.pick_injection(vision_curve, a.min_prominence)
-        ex, _ = an.pick_exit(report["exit_probe"]["loss"], a.tolerance)
+        inj, _ = proposal.pick_injection(vision_curve, a.min_prominence)
+        ex, _ = proposal.pick_exit(report["exit_probe"]["loss"], a.tolerance)
         window = (inj, max(ex, min(L, inj + 2)))
         check_window(window, ns, L)
-        sums2, *_ = stream(a, cfg, params, tok, spec, source, curves=False, ilvas=True, ns=ns,
-                           topk=topk, vision_on=jnp.asarray(an.vision_flags(L, *window)),
+        sums2, *_ = reporting.stream(a, cfg, params, tok, spec, source, curves=False, ilvas=True, ns=ns,
+                           topk=topk, vision_on=jnp.asarray(probes.vision_flags(L, *window)),
                            desc="ILVAS")
         sums.d.update({k: v for k, v in sums2.d.items() if k.startswith("ilvas")})
     model_name = ("vanilla" if window is None else
                   f"inject {window[0]} / exit {window[1]} ({a.ilvas_model})")
     window = window or (0, L)
-    curves = ilvas_curves(sums, ns, L, window)
+    curves = reporting.ilvas_curves(sums, ns, L, window)
     report["ilvas"] = dict(model=model_name, window=list(window), topk=topk, curves=curves)
 
     try:
-        s, details = an.propose(vision_curve=vision_curve,
+        s, details = proposal.propose(vision_curve=vision_curve,
                                 ilvas_curves={int(n): c for n, c in curves.items()},
                                 probe_loss=report["exit_probe"]["loss"], num_layers=L, n_vision=N,
                                 budget=a.budget, tolerance=a.tolerance, max_cuts=a.max_cuts,
                                 min_prominence=a.min_prominence)
-        report["proposal"] = dict(an.schedule_dict(s), details=details,
-                                  config_flags=an.config_flags(s), rules=RULES)
+        report["proposal"] = dict(proposal.schedule_dict(s), details=details,
+                                  config_flags=proposal.config_flags(s), rules=proposal.RULES)
     except ValueError as e:
         s = None
-        report["proposal"] = dict(error=str(e), rules=RULES)
-    files = plot_all(report, out)
+        report["proposal"] = dict(error=str(e), rules=proposal.RULES)
+    files = plots.plot_all(report, out)
     if s is not None:
-        files += draw_stages(cfg, params, s, first[0], spec, out, a.show)
-        (out / "schedule_flags.txt").write_text(an.config_flags(s) + "\n")
-        (out / "preset.py").write_text(preset_snippet(s, report))
+        files += plots.draw_stages(cfg, params, s, first[0], spec, out, a.show)
+        (out / "schedule_flags.txt").write_text(proposal.config_flags(s) + "\n")
+        (out / "schedule.json").write_text(json.dumps(proposal.schedule_dict(s), indent=1) + "\n")
+        (out / "preset.py").write_text(reporting.preset_snippet(s, report))
     report["files"] = [str(Path(f).relative_to(out)) for f in files]
     report["runtime_s"] = round(time.time() - t0, 2)
-    (out / "report.json").write_text(json.dumps(_json_safe(report), indent=1))
-    print(summary(report))
+    (out / "report.json").write_text(json.dumps(reporting.json_safe(report), indent=1))
+    print(reporting.summary(report))
     if s is None:
         raise ValueError(report["proposal"]["error"])
     return report
 
 
-RULES = dict(
-    inject_layer="earliest interior local minimum of the vision intra-modal curve whose dip depth "
-                 "(prominence) is ≥ min_prominence × the deepest; none: 0",
-    exit_layer="earliest e whose probe loss stays ≤ (1 + tolerance) × baseline for all e' ≥ e "
-               "(L = no early exit); at least inject + 2",
-    prune_after="ILVAS (mean over n) local maxima l in [inject+1, exit−1], the max_cuts highest; "
-                "cut after l − 1 (the cut after p scores with layer p + 1's attention)",
-    keep="geometric k_i = k_1·r^(i−1) ending at 1 (tail end raised only if needed for a concave "
-         "profile or the budget), k_1 by bisection: mean tokens/layer within 1 of the budget",
-)
-
-
-def summary(report: dict) -> str:
-    p = report["proposal"]
-    lines = [f"analysed {report['data']['samples']} samples ({report['data']['samples_with_image']} "
-             f"with an image) of {report['data']['name']}:{report['data']['split']} in "
-             f"{report.get('runtime_s', 0):.1f} s; model: {report['model']['num_layers']} layers, "
-             f"{report['model']['n_vision']} vision tokens"]
-    if "error" in p:
-        lines.append(f"no proposal: {p['error']}")
-        return "\n".join(lines)
-    lines += [
-        f"proposed schedule (0-based): inject_layer={p['inject_layer']} "
-        f"prune_after={tuple(p['prune_after'])} keep={tuple(p['keep'])} exit_layer={p['exit_layer']}",
-        f"  vision tokens per layer {p['tokens_per_layer']} mean {p['mean_tokens']:.2f} "
-        f"(budget {report['settings']['budget']:g})",
-        f"  train/evaluate with: --config CONFIG:schedule=tok64 {p['config_flags']}",
-    ]
-    for note in p["details"]["notes"]:
-        lines.append(f"  note: {note}")
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
-    import sys
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main)

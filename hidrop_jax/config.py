@@ -8,8 +8,13 @@ the only reader of ConfigDicts: layers take small frozen dataclasses, the method
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
 import ml_collections
 
+from hidrop_jax.data.templates import TEMPLATES
 from hidrop_jax.hidrop.schedule import PRESETS, Schedule, preset
 from hidrop_jax.layers.common import INIT_STD
 
@@ -62,6 +67,21 @@ def model_config(
     return m
 
 
+def model_from_dict(m) -> ml_collections.ConfigDict:
+    """`cfg.model` rebuilt (validated, with typed fields) from a stored one, e.g. a config.json's."""
+    m = ml_collections.ConfigDict(dict(m))
+    return model_config(
+        vision=m.vision.to_dict(), text=m.text.to_dict(), projector_act=m.projector.hidden_act,
+        projector_bias=m.projector.bias, image_token_id=m.image_token_id,
+        feature_layer=m.feature_layer, select_strategy=m.select_strategy, dtype=m.dtype,
+        remat=m.remat, scan_unroll=m.scan_unroll, attention_impl=m.get("attention_impl"))
+
+
+# CLIP ViT-L/14-336, LLaVA-1.5's vision tower (576 tokens per image).
+CLIP_L14_336 = dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
+                    num_layers=24, num_heads=16, layer_norm_eps=1e-5, hidden_act="quick_gelu")
+
+
 def _fail(field: str, value, allowed: str):
     raise ValueError(f"config field `{field}` = {value!r} is not supported; allowed: {allowed}")
 
@@ -106,6 +126,26 @@ def initializer_range(text: ml_collections.ConfigDict) -> float:
     return text.get("initializer_range", INIT_STD)
 
 
+RUNTIME_FIELDS = ("dtype", "remat", "scan_unroll", "attention_impl")  # how to run, not what
+
+
+def architecture_diff(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> list:
+    """["model.FIELD: A != B", ...] where two `cfg.model`s describe different weights (runtime
+    settings and how the weights were initialised do not count)."""
+    def flat(m, prefix="model"):
+        out = {}
+        for k, v in m.items():
+            if k in RUNTIME_FIELDS or k == "initializer_range":
+                continue
+            if isinstance(v, (dict, ml_collections.ConfigDict)):
+                out.update(flat(v, f"{prefix}.{k}"))
+            else:
+                out[f"{prefix}.{k}"] = tuple(v) if isinstance(v, list) else v
+        return out
+    fa, fb = flat(a.to_dict()), flat(b.to_dict())
+    return [f"{k}: {fa.get(k)!r} != {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
 def feature_layers_run(m: ml_collections.ConfigDict) -> int:
     """How many CLIP encoder layers must run to produce `feature_layer`'s hidden state."""
     fl = m.feature_layer
@@ -116,6 +156,17 @@ def n_vision_tokens(m: ml_collections.ConfigDict) -> int:
     """Vision tokens per image fed to the LLM (CLS dropped for strategy `default`)."""
     n = (m.vision.image_size // m.vision.patch_size) ** 2
     return n if m.select_strategy == "default" else n + 1
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """`FILE[:ARGS]` -> `get_config(ARGS)` of that Python file, as `--config FILE:ARGS` does."""
+    path, _, arg = spec.partition(":")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    mod_spec = importlib.util.spec_from_file_location(f"_config_{Path(path).stem}", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.get_config(arg) if arg else mod.get_config()
 
 
 def parse_arg(arg: str, defaults: dict) -> ml_collections.ConfigDict:
@@ -200,6 +251,25 @@ def with_schedule(cfg, name: str, **fields):
     return cfg
 
 
+def apply_schedule(cfg, value: str):
+    """`--schedule VALUE` of evaluate/generate: a preset name, or a JSON file holding the layout
+    fields (`analyze` writes one as schedule.json; its report.json works too)."""
+    if value in PRESETS:
+        return with_schedule(cfg, value)
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"--schedule {value!r} is neither a preset {PRESETS} nor a JSON file")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--schedule {path}: not JSON ({e})") from None
+    d = d.get("proposal", d) if isinstance(d, dict) else {}
+    fields = {k: tuple(d[k]) if isinstance(d[k], list) else d[k] for k in SCHEDULE_FIELDS if k in d}
+    if not fields:
+        raise ValueError(f"--schedule {path}: it holds none of the schedule fields {SCHEDULE_FIELDS}")
+    return with_schedule(cfg, "vanilla", **fields)
+
+
 def resolved(cfg) -> ml_collections.ConfigDict:
     """A copy of `cfg` with every schedule field explicit (what a run or export records: it must
     not change meaning if presets are retuned later)."""
@@ -242,7 +312,41 @@ def train_defaults() -> dict:
         weight_decay=0.0, b1=0.9, b2=0.999, clip=1.0, seed=0,
         mesh=(-1, 1, 1),  # (data, fsdp, tensor); -1 = the remaining devices
         log_every=10, eval_every=200, eval_batches=8, ckpt_every=200, keep_ckpts=3,
-        async_ckpt=True)
+        async_ckpt=True,
+        # a relaunch under another schedule or trainable set is refused unless this is True;
+        # then the change is recorded in the workdir's history.jsonl
+        allow_changes=False)
+
+
+def validate_train(cfg) -> None:
+    """Every training and data field, before anything is built or written: the field, the value
+    and what is allowed."""
+    t, d = cfg.train, cfg.data
+
+    def need(field, ok, allowed):
+        if not ok:
+            value = t[field.split(".")[1]] if field.startswith("train.") else d[field.split(".")[1]]
+            _fail(field, value, allowed)
+    num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    need("train.trainable", t.trainable in TRAINABLE, f"one of {TRAINABLE}")
+    need("train.lr", num(t.lr) and t.lr > 0, "a positive learning rate")
+    for f in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "ckpt_every", "keep_ckpts"):
+        need(f"train.{f}", isinstance(t[f], int) and t[f] > 0, "a positive int")
+    need("train.warmup_steps", isinstance(t.warmup_steps, int) and 0 <= t.warmup_steps < t.steps,
+         f"an int in [0, train.steps = {t.steps})")
+    need("train.eval_batches", isinstance(t.eval_batches, int) and t.eval_batches >= 0, "an int ≥ 0")
+    need("train.end_lr_ratio", num(t.end_lr_ratio) and 0 <= t.end_lr_ratio <= 1, "a float in [0, 1]")
+    need("train.weight_decay", num(t.weight_decay) and t.weight_decay >= 0, "a float ≥ 0")
+    need("train.b1", num(t.b1) and 0 <= t.b1 < 1, "a float in [0, 1)")
+    need("train.b2", num(t.b2) and 0 <= t.b2 < 1, "a float in [0, 1)")
+    need("train.clip", num(t.clip) and t.clip > 0, "a positive float (global-norm clipping)")
+    need("train.batch_size", t.batch_size % t.grad_accum == 0,
+         f"a multiple of train.grad_accum = {t.grad_accum}")
+    need("train.mesh", len(t.mesh) == 3 and all(isinstance(x, int) and (x > 0 or x == -1) for x in t.mesh),
+         "(data, fsdp, tensor): three positive ints, one of them may be -1")
+    need("data.template", d.template in TEMPLATES, f"one of {TEMPLATES}")
+    need("data.max_len", isinstance(d.max_len, int) and d.max_len > 0, "a positive int (text rows)")
+    need("data.num_queries", isinstance(d.num_queries, int) and d.num_queries >= 1, "an int ≥ 1")
 
 
 def data_defaults() -> dict:

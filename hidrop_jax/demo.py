@@ -20,6 +20,20 @@ import time
 from pathlib import Path
 
 import absl.logging
+import jax
+
+from hidrop_jax import evaluate as eval_lib
+from hidrop_jax import sharding as shard_lib
+from hidrop_jax import train as train_lib
+from hidrop_jax.checkpoint import load_run
+from hidrop_jax.config import load_config, schedule_of, with_schedule
+from hidrop_jax.data.setup import open_data
+from hidrop_jax.data.sources import data_dir_for
+from hidrop_jax.hf.save import save_hf
+from hidrop_jax.hf.torch_eval import evaluate_torch
+from hidrop_jax.hidrop.schedule import vision_flops
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_shapes.py"  # make demo runs in a checkout
 
 
 def main(argv=None):
@@ -35,18 +49,9 @@ def main(argv=None):
     a = ap.parse_args(argv)
     absl.logging.set_verbosity(absl.logging.WARNING)
     logging.basicConfig(level=logging.WARNING)
-    import jax
-
-    import configs.tiny_shapes as tiny
-    from hidrop_jax import evaluate as eval_lib
-    from hidrop_jax import sharding as shard_lib
-    from hidrop_jax import train as train_lib
-    from hidrop_jax.export import save_hf
-    from hidrop_jax.config import schedule_of, with_schedule
-    from hidrop_jax.hidrop.schedule import vision_flops
 
     work = Path(a.workdir).absolute()
-    cfg = tiny.get_config(f"schedule={a.schedule}")
+    cfg = load_config(f"{CONFIG}:schedule={a.schedule}")
     cfg.data.name = a.data
     if a.steps:
         cfg.train.steps = a.steps
@@ -54,8 +59,9 @@ def main(argv=None):
         cfg.train.update(init_vision="", trainable="all")
     report = {"workdir": str(work), "schedule": cfg.hidrop.to_dict(), "train_config": cfg.train.to_dict()}
     t0 = time.time()
-    print(f"[1/4] dataset {cfg.data.name} -> {work / 'data'} (built once, ~2 min for 22k examples)")
-    tok, spec, _, eval_src = train_lib.data_setup(cfg, work)
+    where = data_dir_for(cfg.data.name, cfg.data.data_dir, work / "data")
+    print(f"[1/4] dataset {cfg.data.name} -> {where} (built once per machine, ~2 min for 22k examples)")
+    tok, spec, _, eval_src = open_data(cfg, work)
     report["data_seconds"] = round(time.time() - t0, 1)
 
     print(f"[2/4] training {cfg.train.steps} steps, batch {cfg.train.batch_size}, schedule "
@@ -66,7 +72,7 @@ def main(argv=None):
     report["train_last"] = last
 
     print("[3/4] evaluating on the validation split")
-    cfg, params, step = eval_lib.load_run(work)
+    cfg, params, step = load_run(work)
     mesh = shard_lib.make_mesh(tuple(cfg.train.mesh))
     nb = a.eval_batches or None
     results, flops = {}, {}
@@ -82,7 +88,7 @@ def main(argv=None):
     print("[4/4] exporting to Hugging Face format and evaluating it with PyTorch")
     hf_dir = work / "hf"
     save_hf(cfg, jax.device_get(params), hf_dir, tokenizer=tok, overwrite=True)
-    report["torch_vanilla"] = eval_lib.evaluate_torch(hf_dir, eval_src, tok, spec, max_batches=nb)
+    report["torch_vanilla"] = evaluate_torch(hf_dir, eval_src, tok, spec, max_batches=nb)
     report["total_seconds"] = round(time.time() - t0, 1)
     (work / "demo_report.json").write_text(json.dumps(report, indent=1))
 

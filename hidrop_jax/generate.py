@@ -24,11 +24,10 @@ CLI (offline):
     python -m hidrop_jax.generate --hf HF_DIR --image cat.jpg --prompt "What is this?"
     python -m hidrop_jax.generate --workdir CKPT_DIR --image x.jpg --prompt "..." --schedule tok64
 
-`--hf`: a Hugging Face LLaVA directory (weights via `convert.load_hf`; tokenizer through
-`AutoProcessor`/`AutoTokenizer` from the same directory; the schedule from its
-`hidrop_schedule.json` if present, else vanilla). `--workdir`: a checkpoint written by
-`convert.save_checkpoint` (config.json + params/), or a training run's workdir (config.json +
-checkpoints/, latest step); the schedule comes from its config unless `--schedule`. Tokenizer:
+`--hf`: a Hugging Face LLaVA directory (tokenizer through `AutoProcessor`/`AutoTokenizer` from
+the same directory; the schedule from its `hidrop_schedule.json` if present, else vanilla).
+`--workdir`: an `import-hf` checkpoint (config.json + params/), or a training run's workdir
+(its latest step, or `--step`); the schedule comes from its config unless `--schedule`. Tokenizer:
 `--tokenizer`, else the config's `data.tokenizer`, else `DIR/tokenizer/`, else DIR itself if it
 holds tokenizer files. The image is preprocessed as LLaVA-1.5 does
 (`hidrop_jax.data.image.preprocess`: pad to a square with the CLIP mean colour, resize bicubic
@@ -53,12 +52,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from hidrop_jax.config import n_vision_tokens, schedule_of, with_schedule
+from hidrop_jax import checks, cli
+from hidrop_jax.config import apply_schedule, n_vision_tokens, schedule_of
 from hidrop_jax.hidrop.schedule import PRESETS
 from hidrop_jax.layers.llama import Embedder
 from hidrop_jax.layers.rope import rope_tables
-from hidrop_jax.model import (Inputs, StageKV, stage_positions, decode_layers, forward_hidden,
-                              hf_to_inputs, last_prompt_row, lm_logits, text_dims)
+from hidrop_jax.batch import Inputs, last_prompt_row
+from hidrop_jax.checkpoint import find_tokenizer, open_run
+from hidrop_jax.hf.inputs import hf_to_inputs
+from hidrop_jax.model import (StageKV, stage_positions, decode_layers, forward_hidden, lm_logits,
+                              text_dims)
+from hidrop_jax.data import templates
+from hidrop_jax.data.image import preprocess
 
 
 class State(NamedTuple):
@@ -191,6 +196,7 @@ def compiled(cfg_json: str, max_new_tokens: int, sample: bool, return_logits: bo
 def check_inputs(cfg, inputs: Inputs, max_new_tokens: int) -> None:
     """Fails on what generation cannot serve, naming the sample and the limit."""
     m = cfg.model
+    checks.check_inputs(m, inputs)
     n = n_vision_tokens(m)
     valid = np.asarray(inputs.text_valid)
     pos = np.asarray(inputs.text_pos)
@@ -254,7 +260,7 @@ def generate(cfg, params, inputs: Inputs, *, max_new_tokens: int, eos_id: Option
 
 def generate_hf(cfg, params, input_ids, pixel_values=None, attention_mask=None, **kw) -> dict:
     """`generate` for HF-style inputs (image token expanded n_vision times, left or right
-    padded; see `model.hf_to_inputs`)."""
+    padded; see `hf.inputs.hf_to_inputs`)."""
     inputs, _ = hf_to_inputs(cfg.model, input_ids, pixel_values, attention_mask)
     return generate(cfg, params, inputs, **kw)
 
@@ -262,34 +268,15 @@ def generate_hf(cfg, params, input_ids, pixel_values=None, attention_mask=None, 
 # ----------------------------------------------------------------------------- CLI
 
 def _load(args):
-    """(cfg, params, tokenizer, processor-or-None) for --hf / --workdir."""
-    from hidrop_jax.convert import load_checkpoint, load_hf
-    if args.hf:
-        d = Path(args.hf)
-        cfg, params = load_hf(d)
-        side = d / "hidrop_schedule.json"
-        if side.exists():
-            cfg.hidrop.update(json.loads(side.read_text()))
-        tok = _tokenizer(args.tokenizer or d)
-        return cfg, params, tok
-    d = Path(args.workdir)
-    if (d / "params").exists():          # convert.save_checkpoint / import-hf output
-        cfg, params = load_checkpoint(d)
-    elif (d / "checkpoints").exists():   # a training run: latest checkpoint
-        from hidrop_jax.evaluate import load_run
-        cfg, params = load_run(d)[:2]
-    else:
-        raise FileNotFoundError(f"{d}: not a checkpoint (config.json + params/) nor a training "
-                                "workdir (config.json + checkpoints/)")
-    tok_dir = args.tokenizer or (cfg.data.get("tokenizer") if "data" in cfg else None) or None
+    """(cfg, params, tokenizer) for `--workdir`/`--hf` (any directory `checkpoint.open_run`
+    reads; our exports bring back their schedule and chat template)."""
+    path = args.hf or args.workdir
+    run = open_run(path, step=args.step)
+    cfg = run.cfg
+    tok_dir = find_tokenizer(path, cfg, explicit=args.tokenizer)
     if tok_dir is None:
-        for cand in (d / "tokenizer", d):
-            if (cand / "tokenizer.json").exists() or (cand / "tokenizer_config.json").exists():
-                tok_dir = cand
-                break
-        else:
-            raise FileNotFoundError(f"no tokenizer in {d / 'tokenizer'} or {d}; pass --tokenizer DIR")
-    return cfg, params, _tokenizer(tok_dir)
+        raise FileNotFoundError(f"no tokenizer in {Path(path) / 'tokenizer'} or {path}; pass --tokenizer DIR")
+    return cfg, run.params, _tokenizer(tok_dir)
 
 
 def _tokenizer(path):
@@ -308,7 +295,6 @@ def prompt_inputs(cfg, tokenizer, prompt: str, pixels=None, template: str = "v1"
     """One prompt (and an optional preprocessed image [H, W, 3]) -> `Inputs` (batch of 1):
     <s> + text before the image + (image slots) + text after it, as the data pipeline lays it
     out, ending where the assistant's answer would start."""
-    from hidrop_jax.data import templates
     has_image = pixels is not None
     if template == "none":
         before, after = "", prompt
@@ -343,15 +329,14 @@ def describe_stages(cfg, kept) -> list[str]:
 
 
 def main(argv=None):
-    from hidrop_jax.data import templates
     ap = argparse.ArgumentParser(prog="python -m hidrop_jax.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", help="a hidrop_jax checkpoint dir (config.json + params/)")
+    src.add_argument("--workdir", help="an import-hf checkpoint or a training workdir")
     src.add_argument("--hf", help="a Hugging Face LLaVA directory")
     ap.add_argument("--image", help="an image file (any size: padded to a square and resized)")
     ap.add_argument("--prompt", required=True)
-    ap.add_argument("--schedule", help=f"a HiDrop preset {PRESETS} (default: the "
+    ap.add_argument("--schedule", help=f"a HiDrop preset {PRESETS} or a schedule JSON file (default: the "
                     "checkpoint's, or hidrop_schedule.json beside HF weights, else vanilla)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -360,17 +345,28 @@ def main(argv=None):
     ap.add_argument("--template", choices=(*templates.TEMPLATES, "none"),
                     help="chat template (default: the run's data.template, else v1)")
     ap.add_argument("--tokenizer", help="tokenizer directory (default: beside the weights)")
+    ap.add_argument("--step", type=int, help="a training workdir's step (default: its latest)")
     args = ap.parse_args(argv)
-
+    # arguments first, weights after (loading a 7B model takes minutes)
+    if args.image and not os.path.isfile(args.image):
+        raise FileNotFoundError(f"--image {args.image} does not exist")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be ≥ 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ValueError(f"--temperature {args.temperature} must be ≥ 0 and --top-p {args.top_p} in (0, 1]")
+    if args.schedule and args.schedule not in PRESETS and not os.path.isfile(args.schedule):
+        raise ValueError(f"--schedule {args.schedule!r} is neither a preset {PRESETS} nor a JSON file")
+    if args.tokenizer:
+        find_tokenizer(".", explicit=args.tokenizer)  # fails now if it holds no tokenizer
     cfg, params, tok = _load(args)
     if args.schedule:
-        with_schedule(cfg, args.schedule)
+        apply_schedule(cfg, args.schedule)
     pixels = None
     if args.image:
-        from hidrop_jax.data.image import preprocess
-        if not os.path.exists(args.image):
-            raise FileNotFoundError(f"--image {args.image} does not exist")
-        pixels = preprocess(Path(args.image).read_bytes(), cfg.model.vision.image_size)
+        try:
+            pixels = preprocess(Path(args.image).read_bytes(), cfg.model.vision.image_size)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--image {args.image} cannot be read as an image ({e})") from None
     template = args.template or ("data" in cfg and cfg.data.get("template")) or "v1"
     inputs = prompt_inputs(cfg, tok, args.prompt, pixels, template)
     params = jax.tree.map(jnp.asarray, params)
@@ -389,4 +385,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

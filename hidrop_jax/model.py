@@ -12,32 +12,22 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hidrop_jax.config import feature_layers_run, initializer_range, n_vision_tokens, schedule_of
+from hidrop_jax.batch import Inputs, last_prompt_row
+from hidrop_jax.config import feature_layers_run, initializer_range, schedule_of
 from hidrop_jax.hidrop.select import score_vision, select
 from hidrop_jax.layers.clip import VisionDims, init_vision, vision_hidden_state
 from hidrop_jax.layers.common import dense, slice_layers, stacked
 from hidrop_jax.layers.llama import DecoderLayer, Embedder, RMSNorm, TextDims
 from hidrop_jax.layers.projector import Projector
+from hidrop_jax.hf.inputs import hf_to_inputs
 from hidrop_jax.layers.rope import rope_tables
-
-
-class Inputs(NamedTuple):
-    """The model's native batch. Shapes are static; nothing depends on data for its shape."""
-    text_ids: jax.Array      # [B, T] int32, right-padded text stream (no image tokens)
-    text_pos: jax.Array      # [B, T] int32 persistent positions (text after the image +n_vision)
-    text_valid: jax.Array    # [B, T] bool
-    image_slot: jax.Array    # [B] int32, position of the first of the n_vision reserved slots
-    has_image: jax.Array     # [B] bool; a sample without one keeps its vision slots masked out
-    pixels: Optional[jax.Array] = None       # [B, H, W, C] float; None = text-only batch
-    query_idx: Optional[jax.Array] = None    # [B, Q] int32 text-stream rows scoring the cuts
-    query_valid: Optional[jax.Array] = None  # [B, Q] bool; None = last valid prompt token
 
 
 def _dtype(m):
@@ -158,12 +148,6 @@ def lm_logits(m, text_params, x):
         out = dense(td.vocab_size, ("embed", "vocab"), use_bias=False, dtype=td.dtype,
                     name="lm_head").apply({"params": text_params["lm_head"]}, h)
     return out.astype(jnp.float32)
-
-
-def last_prompt_row(inputs: Inputs):
-    """Inference query row: the valid text token with the largest position, [B, 1]."""
-    idx = jnp.argmax(jnp.where(inputs.text_valid, inputs.text_pos, -1), axis=1)
-    return idx[:, None].astype(jnp.int32), inputs.text_valid.any(axis=1, keepdims=True)
 
 
 def stage_positions(s, inputs: Inputs, vis_idx, alive, n_tokens: int):
@@ -289,82 +273,7 @@ def forward_hidden(cfg, params, inputs: Inputs, *, vision=None, collect_kv: bool
     return x[:, :T], aux
 
 
-# ----------------------------------------------------------------------------- HF adapter
-
-def hf_to_inputs(m, input_ids, pixel_values=None, attention_mask=None) -> tuple[Inputs, np.ndarray]:
-    """HF-style batch (image token expanded n_vision times) -> (`Inputs`, index of each text
-    slot in `input_ids` [B, T]).
-
-    Positions follow HF generation: cumsum(attention_mask) − 1, so left and right padding give
-    the same result. `pixel_values` is NCHW or NHWC with one row per sample, or one row per
-    sample that has an image (HF's convention for a mixed batch).
-    """
-    ids = np.asarray(input_ids)
-    if ids.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, length]; got shape {ids.shape}")
-    bsz, length = ids.shape
-    mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
-    n = n_vision_tokens(m)
-    is_img = (ids == m.image_token_id) & mask
-    counts = is_img.sum(1)
-    for i, c in enumerate(counts):
-        if c not in (0, n):
-            raise ValueError(
-                f"sample {i} has {c} image tokens (id {m.image_token_id}); expected 0 or {n}: one "
-                "image per sample (multiple images per sample are not supported)")
-        if c and not is_img[i, np.argmax(is_img[i]):][:n].all():
-            raise ValueError(f"sample {i}: its {n} image tokens are not contiguous")
-    n_img = n if counts.any() else 0
-    T = length - n_img
-    pos_full = np.maximum(np.cumsum(mask, 1) - 1, 0)
-    slots = np.zeros((bsz, T), np.int64)
-    for i in range(bsz):
-        keep = np.flatnonzero(~is_img[i])
-        extra = len(keep) - T
-        if extra:  # a text-only sample in a batch with images: drop padding to fit T slots
-            pads = keep[~mask[i, keep]]
-            if len(pads) < extra:
-                raise ValueError(f"sample {i} has no image and {mask[i].sum()} tokens, more than "
-                                 f"the {T} text slots of this batch (length {length} − {n})")
-            drop = pads[:extra] if not mask[i, 0] else pads[-extra:]
-            keep = np.setdiff1d(keep, drop)
-        slots[i] = keep
-    first_img = np.where(counts > 0, np.argmax(is_img, 1), 0)
-    inputs = Inputs(
-        text_ids=jnp.asarray(np.take_along_axis(ids, slots, 1), jnp.int32),
-        text_pos=jnp.asarray(np.take_along_axis(pos_full, slots, 1), jnp.int32),
-        text_valid=jnp.asarray(np.take_along_axis(mask, slots, 1)),
-        image_slot=jnp.asarray(pos_full[np.arange(bsz), first_img], jnp.int32),
-        has_image=jnp.asarray(counts > 0),
-        pixels=None if n_img == 0 else _pixels_nhwc(m, pixel_values, counts > 0),
-    )
-    return inputs, slots
-
-
-def _pixels_nhwc(m, pixel_values, has_image):
-    v = m.vision
-    if pixel_values is None:
-        raise ValueError("input_ids contain image tokens but pixel_values is None")
-    px = np.asarray(pixel_values, np.float32)
-    want = (v.image_size, v.image_size)
-    if px.ndim != 4:
-        raise ValueError(f"pixel_values must be 4-D (NCHW or NHWC); got shape {px.shape}")
-    if px.shape[1] == v.num_channels and px.shape[-1] != v.num_channels:
-        px = px.transpose(0, 2, 3, 1)
-    if px.shape[1:3] != want or px.shape[3] != v.num_channels:
-        raise ValueError(f"pixel_values has shape {px.shape}; expected images of "
-                         f"{v.image_size}×{v.image_size}×{v.num_channels} (NCHW or NHWC)")
-    if px.shape[0] == int(has_image.sum()) != len(has_image):
-        full = np.zeros((len(has_image),) + px.shape[1:], np.float32)
-        full[has_image] = px
-        px = full
-    if px.shape[0] != len(has_image):
-        raise ValueError(f"pixel_values has {px.shape[0]} images for {len(has_image)} samples, "
-                         f"{int(has_image.sum())} of which have image tokens")
-    return jnp.asarray(px)
-
+# ----------------------------------------------------------------------------- HF-style input
 
 @functools.lru_cache(maxsize=16)
 def _jitted_forward(cfg_json: str):
@@ -376,6 +285,6 @@ def _jitted_forward(cfg_json: str):
 def forward_hf(cfg, params, input_ids, pixel_values=None, attention_mask=None):
     """Float32 logits [B, L − n_image_tokens, V] for the non-image positions of `input_ids`, in
     order (pads included, so they align with the input), under `cfg.hidrop` in inference mode
-    (query row = last non-padding token). See `hf_to_inputs` for accepted layouts."""
+    (query row = last non-padding token). See `hf.inputs.hf_to_inputs` for accepted layouts."""
     inputs, _ = hf_to_inputs(cfg.model, input_ids, pixel_values, attention_mask)
     return _jitted_forward(cfg.to_json())(params, inputs)

@@ -21,10 +21,18 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
+
+from hidrop_jax import cli
+from hidrop_jax.data import shapes
+from hidrop_jax.data.shapes_vqa import ShapesVqa
+from hidrop_jax.data.image import preprocess
+from hidrop_jax.config import feature_layers_run
+from hidrop_jax.hf.save import save_hf_vision
+from hidrop_jax.layers.clip import init_vision, vision_hidden_state
+from hidrop_jax.model import vision_dims
 
 BACKGROUND = -1
 
@@ -33,7 +41,6 @@ BACKGROUND = -1
 
 def patch_labels(scene, patch: int, size: int, min_cover: float) -> np.ndarray:
     """Per patch (row-major): index of the object covering ≥ min_cover of it, else BACKGROUND."""
-    from hidrop_jax.data import shapes
     owner = np.full((size, size), BACKGROUND, np.int32)
     for i, s in enumerate(scene):
         box, _, _, mask = shapes.footprint(s, size)
@@ -48,7 +55,6 @@ def patch_labels(scene, patch: int, size: int, min_cover: float) -> np.ndarray:
 
 def dense_labels(scene, patch: int, size: int, min_cover: float):
     """(kind, colour) class per patch; background is the last class of each."""
-    from hidrop_jax.data import shapes
     owner = patch_labels(scene, patch, size, min_cover)
     colors = list(shapes.COLORS)
     kind_of = np.asarray([shapes.KINDS.index(s.kind) for s in scene] + [len(shapes.KINDS)])
@@ -58,15 +64,12 @@ def dense_labels(scene, patch: int, size: int, min_cover: float):
 
 def _dataset():
     """The `shapes_vqa` default config (its seed and split sizes: the images the demo trains on)."""
-    from hidrop_jax.data.shapes_vqa import ShapesVqa
     return ShapesVqa.BUILDER_CONFIGS[0]
 
 
 def dataset_example(split: str, index: int, image_size: int, patch: int, min_cover: float) -> dict:
     """One `shapes_vqa` image (the JPEG the dataset stores, decoded and preprocessed for a
     tower of `image_size`) with the dense labels of its patch grid."""
-    from hidrop_jax.data import shapes
-    from hidrop_jax.data.image import preprocess
     grid = image_size // patch
     if shapes.IMAGE_SIZE % grid:
         raise ValueError(f"model.vision: a {grid}×{grid} patch grid does not tile the dataset's "
@@ -83,7 +86,6 @@ def dataset_batches(split: str, n: int, batch: int, image_size: int, patch: int,
     """Batches of the split's first `n` image examples (text-only ones skipped), shuffled
     each epoch; grain prepares them in threads while the step runs."""
     import grain
-    from hidrop_jax.data import shapes
     dataset_example(split, 0, image_size, patch, min_cover)  # a bad size fails here, not in a thread
     idx = [i for i in range(n) if not shapes.is_text_only(_dataset().seed, split, i)]
     ds = grain.MapDataset.source(idx)
@@ -107,7 +109,6 @@ def train_dense(features: Callable, tower, width: int, batches: Iterable[dict], 
     import jax.numpy as jnp
     import optax
 
-    from hidrop_jax.data import shapes
     n_kind, n_col = len(shapes.KINDS), len(shapes.COLORS)
     k1, k2 = jax.random.split(jax.random.PRNGKey(0)) if head_keys is None else head_keys
     params = {"tower": tower,
@@ -160,7 +161,6 @@ def train_dense(features: Callable, tower, width: int, batches: Iterable[dict], 
 
 def majority_kind(held_out: list[dict]) -> float:
     """Share of the most frequent kind among held-out object tokens (the level to beat)."""
-    from hidrop_jax.data import shapes
     k = np.concatenate([b["kind"].ravel() for b in held_out])
     k = k[k < len(shapes.KINDS)]
     if not len(k):
@@ -177,10 +177,6 @@ def pretrain(cfg, out: str, *, steps: int, batch: int, lr: float, min_cover: flo
     import jax
     from flax.core import meta
 
-    from hidrop_jax.config import feature_layers_run
-    from hidrop_jax.convert import save_hf_vision
-    from hidrop_jax.layers.clip import init_vision, vision_hidden_state
-    from hidrop_jax.model import vision_dims
     m = cfg.model
     dims, n_run = vision_dims(m), feature_layers_run(m)
     tower = meta.unbox(init_vision(dims, jax.random.PRNGKey(cfg.train.seed)))
@@ -202,8 +198,6 @@ def pretrain(cfg, out: str, *, steps: int, batch: int, lr: float, min_cover: flo
 
 def main(argv):
     del argv
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity("warning")
     report = pretrain(FLAGS.config, FLAGS.out, steps=FLAGS.steps, batch=FLAGS.batch, lr=FLAGS.lr,
                       min_cover=FLAGS.min_cover, eval_every=FLAGS.eval_every,
                       command=" ".join(["python -m hidrop_jax.pretrain_tower"] + sys.argv[1:]))
@@ -214,7 +208,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
     FLAGS = flags.FLAGS
     config_flags.DEFINE_config_file("config", None, "config file[:args] (its model.vision is trained)")
@@ -225,4 +219,4 @@ if __name__ == "__main__":
     flags.DEFINE_float("min_cover", 0.2, "fraction of a patch an object must cover to label it")
     flags.DEFINE_integer("eval_every", 500, "steps between validation accuracies")
     flags.mark_flags_as_required(["config", "out"])
-    app.run(main)
+    cli.run_absl(main)

@@ -13,7 +13,11 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from hidrop_jax import model
+from hidrop_jax.batch import to_inputs
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -62,9 +66,8 @@ def _fit(spec: P, shape, mesh: Mesh) -> P:
 
 def param_shardings(cfg, mesh: Mesh, rules=RULES):
     """NamedSharding per parameter from its logical axes and the rules table."""
-    from hidrop_jax.model import abstract_params, param_axes
-    logical = param_axes(cfg)
-    shapes = abstract_params(cfg)
+    logical = model.param_axes(cfg)
+    shapes = model.abstract_params(cfg)
     with nn.logical_axis_rules(rules):
         mesh_specs = nn.logical_to_mesh(logical)
     return jax.tree.map(lambda spec, a: NamedSharding(mesh, _fit(spec, a.shape, mesh)),
@@ -88,7 +91,6 @@ def check_not_replicated(shardings, shapes, mesh: Mesh, min_elements: int = 1 <<
 
 def sharded_init(cfg, mesh: Mesh, rng, rules=RULES):
     """Parameters initialised directly into their shardings (never whole on one device)."""
-    from hidrop_jax import model
     shardings = param_shardings(cfg, mesh, rules)
     check_not_replicated(shardings, model.abstract_params(cfg), mesh)
     return model.init_params(cfg, rng, out_shardings=shardings), shardings
@@ -97,3 +99,32 @@ def sharded_init(cfg, mesh: Mesh, rng, rules=RULES):
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension over data × fsdp; everything else replicated."""
     return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+# ----------------------------------------------------------------------------- batches
+
+def local_rows(x) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in its local batch order."""
+    seen, rows = set(), []
+    for sh in sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0):
+        key = (sh.index[0].start, sh.index[0].stop)
+        if key not in seen:  # replicas over the other mesh axes hold the same rows
+            seen.add(key)
+            rows.append(np.asarray(sh.data))
+    return np.concatenate(rows)
+
+
+def process_sum(x) -> np.ndarray:
+    """`x` (a numpy array, the same shape on every process) summed over all processes."""
+    x = np.asarray(x)
+    if jax.process_count() > 1:
+        x = np.asarray(multihost_utils.process_allgather(x)).sum(0)
+    return x
+
+
+def put_batch(batch: dict, mesh):
+    """This process's rows -> global batch-sharded arrays: (Inputs, Targets)."""
+    inputs, targets = to_inputs(batch)
+    sh = batch_sharding(mesh)
+    put = lambda x: None if x is None else jax.make_array_from_process_local_data(sh, np.asarray(x))
+    return jax.tree.map(put, inputs), jax.tree.map(put, targets)

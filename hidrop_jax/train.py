@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -21,10 +22,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from tqdm import tqdm
 
+from hidrop_jax import cli
 from hidrop_jax import sharding as shard_lib
-from hidrop_jax.config import TRAINABLE, resolved, schedule_of
+from hidrop_jax.checkpoint import checkpoint_manager, open_run, restore_state, save_state
+from hidrop_jax.config import (TRAINABLE, architecture_diff, resolved, schedule_of, upgrade,
+                               validate_train)
 from hidrop_jax.data import pipeline as data_lib
+from hidrop_jax.data.setup import open_data
+from hidrop_jax.evaluate import evaluate_params
+from hidrop_jax.hf.load import load_hf_vision
+from hidrop_jax.metrics import flat, token_nll
 from hidrop_jax.model import abstract_params, forward
 
 log = logging.getLogger("hidrop_jax.train")
@@ -56,16 +65,6 @@ def make_optimizer(t: ml_collections.ConfigDict, params):
     tx = optax.chain(optax.clip_by_global_norm(t.clip), adamw)
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
                                  trainable_labels(t.trainable, params)), sched
-
-
-def token_nll(logits, targets):
-    """Summed negative log-likelihood over answer tokens, their count, and argmax hits."""
-    mask = targets.loss_mask
-    labels = jnp.where(mask, targets.labels, 0)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-    hits = (logits.argmax(-1) == labels) & mask
-    return (nll * mask).sum(), mask.sum(), hits.sum()
 
 
 def make_train_step(cfg, tx):
@@ -126,102 +125,97 @@ def init_state(cfg, mesh, tx):
 
 
 def load_pretrained(cfg, state, path: str):
-    """Start from an imported HF model / earlier checkpoint (`hidrop_jax.convert` format); the
-    architecture must match, the HiDrop schedule and training settings come from `cfg`."""
-    from hidrop_jax.convert import load_checkpoint
-    src_cfg, params = load_checkpoint(path)
-    runtime = ("dtype", "remat", "scan_unroll", "attention_impl")  # how to run, not what to run
-
-    def arch(m):  # nor how it was initialised (older configs lack initializer_range)
-        d = {k: v for k, v in m.to_dict().items() if k not in runtime}
-        d["text"] = {k: v for k, v in d["text"].items() if k != "initializer_range"}
-        return d
-    if arch(src_cfg.model) != arch(cfg.model):
-        diff = sorted(k for k in set(arch(src_cfg.model)) | set(arch(cfg.model))
-                      if arch(src_cfg.model).get(k) != arch(cfg.model).get(k))
-        raise ValueError(f"train.init_from={path!r}: its architecture differs from --config's in "
-                         f"model.{', model.'.join(diff)}")
+    """Start from `train.init_from`: an `import-hf` checkpoint, a training workdir (its latest
+    step) or a HF LLaVA directory. The architecture must match; the HiDrop schedule and the
+    training settings come from `cfg`."""
+    run = open_run(path)
+    diff = architecture_diff(run.cfg.model, cfg.model)
+    if diff:
+        raise ValueError(f"train.init_from={path!r} ({run.kind}) has another architecture than "
+                         f"--config: " + "; ".join(diff))
     shardings = jax.tree.map(lambda x: x.sharding, state["params"])
-    state["params"] = jax.tree.map(lambda a, s: jax.device_put(a, s), params, shardings)
+    state["params"] = jax.tree.map(lambda a, s: jax.device_put(a, s), run.params, shardings)
+    at = f" step {run.step}" if run.step is not None else ""
+    log.info("initialised from %s %s%s", run.kind, path, at)
     return state
 
 
 def load_vision(cfg, state, path: str):
     """The vision tower from a HF CLIP directory (`train.init_vision`), as LLaVA starts from
     a pretrained CLIP; everything else keeps its initialisation (or `train.init_from`)."""
-    from hidrop_jax.convert import load_hf_vision
     tower = load_hf_vision(cfg, path)
     shardings = jax.tree.map(lambda x: x.sharding, state["params"]["vision"])
     state["params"] = dict(state["params"], vision=jax.tree.map(jax.device_put, tower, shardings))
     return state
 
 
-def checkpoint_manager(workdir: Path, t):
-    import orbax.checkpoint as ocp
-    opts = ocp.CheckpointManagerOptions(max_to_keep=t.keep_ckpts, create=True,
-                                        enable_async_checkpointing=t.async_ckpt)
-    return ocp.CheckpointManager(workdir / "checkpoints", options=opts)
+def relaunch_changes(cfg, workdir: Path) -> list:
+    """What this launch changes in a workdir that already holds a run, checked before anything
+    is written: another architecture is refused; another schedule or trainable set is refused
+    unless `train.allow_changes` (it is then recorded in history.jsonl)."""
+    f = workdir / "config.json"
+    if not f.exists():
+        return []
+    old = upgrade(ml_collections.ConfigDict(json.loads(f.read_text())))
+    diff = architecture_diff(old.model, cfg.model)
+    if diff:
+        raise ValueError(f"--workdir {workdir} holds a run of another architecture (nothing was "
+                         f"changed): " + "; ".join(diff) + ". Use a new --workdir")
+    before, now = resolved(old), resolved(cfg)
+    changes = [f"hidrop.{k}: {before.hidrop.get(k)!r} -> {now.hidrop.get(k)!r}"
+               for k in sorted(now.hidrop) if k != "name" and before.hidrop.get(k) != now.hidrop.get(k)]
+    if old.train.trainable != cfg.train.trainable:
+        changes.append(f"train.trainable: {old.train.trainable!r} -> {cfg.train.trainable!r}")
+    if changes and not cfg.train.allow_changes:
+        raise ValueError(f"--workdir {workdir} was trained with another schedule or trainable set "
+                         f"(nothing was changed): " + "; ".join(changes) + ". Relaunch with the "
+                         "run's settings, or add --config.train.allow_changes=True to continue "
+                         "under the new ones (recorded in history.jsonl)")
+    return changes
 
 
-def save(mgr, step: int, state, data_iter) -> None:
-    """The train state and every process's data-iterator position (grain writes one file per
-    process, so each host resumes its own shard)."""
-    import grain.python as grain
-    import orbax.checkpoint as ocp
-    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                           data=grain.PyGrainCheckpointSave(data_iter)))
+def record_launch(cfg, workdir: Path, changes: list) -> None:
+    """config.json = the settings the run continues under; history.jsonl = every launch, so
+    what earlier steps were trained with is never lost."""
+    mgr_dir = workdir / "checkpoints"
+    steps = sorted(int(p.name) for p in mgr_dir.iterdir() if p.name.isdigit()) if mgr_dir.is_dir() else []
+    with open(workdir / "history.jsonl", "a") as h:
+        h.write(json.dumps(dict(time=time.strftime("%Y-%m-%dT%H:%M:%S"), from_step=steps[-1] if steps else 0,
+                                changes=changes, config=resolved(cfg).to_dict()), default=list) + "\n")
+    (workdir / "config.json").write_text(resolved(cfg).to_json(indent=1))
 
 
-def restore(mgr, state, data_iter):
-    """Latest checkpoint into `state`'s shapes and shardings; the data iterator resumes too."""
-    import grain.python as grain
-    import orbax.checkpoint as ocp
-    step = mgr.latest_step()
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    got = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                    data=grain.PyGrainCheckpointRestore(data_iter)))
-    return got["state"], step
+def check_answers_fit(cfg, source, tok, spec) -> None:
+    """`data.max_len` must leave room for answers: a first batch without one answer token would
+    train on nothing (loss 0) and evaluate to NaN."""
+    batch = next(data_lib.eval_batches(source, tok, spec, batch_size=min(16, len(source))), None)
+    if batch is not None and not np.asarray(batch["loss_mask"]).any():
+        raise ValueError(f"config field `data.max_len` = {cfg.data.max_len} leaves no answer token in "
+                         f"the first {len(batch['loss_mask'])} training examples (prompts are "
+                         "truncated before their answers); raise it")
 
 
-# ----------------------------------------------------------------------------- data
+class Preemption:
+    """SIGTERM (what Spot/preemptible TPU VMs and SLURM send before they kill) -> save at a step
+    boundary and stop cleanly. With several processes JAX's preemption sync service (started by
+    `jax.distributed.initialize`, it catches SIGTERM) makes all of them agree on the same step,
+    read through orbax's `reached_preemption`, as MaxText does; a single process uses a plain
+    signal handler."""
 
-def data_setup(cfg, workdir: Path):
-    """(tokenizer, spec, train source, eval source). The shapes_vqa tokenizer is built from the
-    dataset vocabulary and saved in the workdir (export and generation read it there)."""
-    from hidrop_jax.data.sources import load_source
-    from hidrop_jax.data.tokenizer import load_tokenizer, shapes_vqa_tokenizer
-    d = cfg.data
-    data_dir = d.data_dir or str(workdir / "data")
-    tok_dir = workdir / "tokenizer"
-    if d.tokenizer:
-        tok = load_tokenizer(d.tokenizer)
-    elif tok_dir.exists():
-        tok = load_tokenizer(str(tok_dir))
-    elif d.name.startswith("shapes_vqa"):
-        tok = shapes_vqa_tokenizer(str(tok_dir) if jax.process_index() == 0 else None)
-    else:
-        raise ValueError(f"data.tokenizer is empty; dataset {d.name!r} needs a tokenizer directory")
-    if len(tok) > cfg.model.text.vocab_size:
-        raise ValueError(f"tokenizer has {len(tok)} tokens; model.text.vocab_size is "
-                         f"{cfg.model.text.vocab_size}")
-    image_id = tok.convert_tokens_to_ids("<image>")
-    if image_id != cfg.model.image_token_id:
-        raise ValueError(f"model.image_token_id = {cfg.model.image_token_id}, but the tokenizer's "
-                         f"<image> is {image_id}")
-    spec = data_lib.TextImageSpec.for_model(cfg.model, template=d.template, max_len=d.max_len,
-                                            num_queries=d.num_queries)
-    manual = d.manual_dir or None
-    train = load_source(d.name, "train", data_dir, manual_dir=manual)
-    evals = load_source(d.name, d.eval_split, data_dir, manual_dir=manual)
-    return tok, spec, train, evals
+    def __init__(self, mgr):
+        self.mgr, self.flag, self.prev = mgr, False, None
+        if jax.process_count() == 1:
+            self.prev = signal.signal(signal.SIGTERM, self._on_signal)
 
+    def _on_signal(self, signum, frame):
+        self.flag = True
 
-def device_batch(batch: dict, mesh):
-    """This process's rows -> global sharded arrays: (Inputs, Targets)."""
-    inputs, targets = data_lib.to_inputs(batch)
-    sh = shard_lib.batch_sharding(mesh)
-    put = lambda x: None if x is None else jax.make_array_from_process_local_data(sh, np.asarray(x))
-    return jax.tree.map(put, inputs), jax.tree.map(put, targets)
+    def reached(self, step: int) -> bool:
+        return self.flag if jax.process_count() == 1 else self.mgr.reached_preemption(step)
+
+    def close(self):
+        if self.prev is not None:
+            signal.signal(signal.SIGTERM, self.prev)
 
 
 # ----------------------------------------------------------------------------- loop
@@ -231,27 +225,31 @@ class NonFiniteLoss(FloatingPointError):
 
 
 def train(cfg, workdir) -> dict:
-    """Runs (or resumes) training; returns the last metrics."""
-    from hidrop_jax import evaluate as eval_lib
+    """Runs (or resumes) training; returns the last metrics. On SIGTERM it saves the current
+    step and returns early, with `metrics["preempted"]` set."""
     workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
     t = cfg.train
+    validate_train(cfg)
     schedule_of(cfg)  # a bad schedule fails now, not at step 10,000
-    if t.batch_size % t.grad_accum:
-        raise ValueError(f"train.batch_size = {t.batch_size} is not divisible by train.grad_accum = {t.grad_accum}")
+    changes = relaunch_changes(cfg, workdir)  # before anything is written
     mesh = shard_lib.make_mesh(tuple(t.mesh))
+    if t.batch_size % jax.process_count():
+        raise ValueError(f"config field `train.batch_size` = {t.batch_size} is not supported; "
+                         f"allowed: a multiple of the {jax.process_count()} processes")
     lead = jax.process_index() == 0
-    tok, spec, train_src, eval_src = data_setup(cfg, workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tok, spec, train_src, eval_src = open_data(cfg, workdir)
+    check_answers_fit(cfg, train_src, tok, spec)
     if lead:
-        (workdir / "config.json").write_text(resolved(cfg).to_json(indent=1))
+        record_launch(cfg, workdir, changes)
     tx, lr_sched = make_optimizer(t, abstract_params(cfg))
     state = init_state(cfg, mesh, tx)
     loader = data_lib.make_loader(train_src, tok, spec, global_batch_size=t.batch_size, seed=t.seed)
     data_iter = iter(loader)
-    mgr = checkpoint_manager(workdir, t)
+    mgr = checkpoint_manager(workdir, t.keep_ckpts, t.async_ckpt)
     start = 0
     if mgr.latest_step() is not None:
-        state, start = restore(mgr, state, data_iter)
+        state, start = restore_state(mgr, state, data_iter)
         log.info("resumed from step %d in %s", start, workdir)
     else:
         if cfg.train.get("init_from"):
@@ -263,21 +261,22 @@ def train(cfg, workdir) -> dict:
                       out_shardings=(state_sh, None), donate_argnums=(0,))
     writer = _Writer(workdir, enabled=lead)
     metrics, t0, seen, compiled = {}, time.time(), 0, None
-    from tqdm import tqdm
     bar = tqdm(total=t.steps, initial=start, disable=not lead, dynamic_ncols=True, desc="train")
+    preempt = Preemption(mgr)
     try:
         for step in range(start, t.steps):
             batch = next(data_iter)
-            inputs, targets = device_batch(batch, mesh)
+            inputs, targets = shard_lib.put_batch(batch, mesh)
             if compiled is None:  # compiled once, ahead of time, so its memory can be reported
                 compiled = step_fn.lower(state, inputs, targets).compile()
                 if lead:
                     log.info("train step memory: %s", memory_report(compiled))
             state, m = compiled(state, inputs, targets)
             seen += int(np.asarray(batch["text_valid"]).sum())
+            preempted = preempt.reached(step + 1)  # every process, every step (a sync point)
             last = step + 1 == t.steps
-            logging_now = (step + 1) % t.log_every == 0 or last
-            saving_now = (step + 1) % t.ckpt_every == 0 or last
+            logging_now = (step + 1) % t.log_every == 0 or last or preempted
+            saving_now = (step + 1) % t.ckpt_every == 0 or last or preempted
             if logging_now or saving_now:  # never log or save a state that is not finite
                 m = {k: float(v) for k, v in m.items()}
                 if not (np.isfinite(m["loss"]) and np.isfinite(m["param_norm"])):
@@ -296,12 +295,19 @@ def train(cfg, workdir) -> dict:
                 metrics = m
             bar.update(1)
             if (step + 1) % t.eval_every == 0 or last:
-                res = eval_lib.evaluate_params(cfg, state["params"], eval_src, tok, spec, mesh,
-                                               max_batches=t.eval_batches)
-                writer.write("eval", dict(step=step + 1, **eval_lib.flat(res)))
+                res = evaluate_params(cfg, state["params"], eval_src, tok, spec, mesh,
+                                      max_batches=t.eval_batches)
+                writer.write("eval", dict(step=step + 1, **flat(res)))
             if saving_now:
-                save(mgr, step + 1, state, data_iter)
+                save_state(mgr, step + 1, state, data_iter, force=preempted)
+            if preempted and not last:
+                mgr.wait_until_finished()
+                log.warning("preempted (SIGTERM): saved step %d in %s; relaunch to resume",
+                            step + 1, workdir / "checkpoints")
+                metrics = dict(metrics, preempted=step + 1)
+                break
     finally:
+        preempt.close()
         bar.close()
         mgr.wait_until_finished()
         writer.close()
@@ -351,12 +357,11 @@ def main(argv):
     elif (FLAGS.distributed or os.environ.get("SLURM_NTASKS", "1") != "1"
           or os.environ.get("TPU_WORKER_HOSTNAMES")):
         jax.distributed.initialize()  # auto-detects TPU pods (also plain TPU VMs) and SLURM
-    logging.basicConfig(level=logging.INFO)
     train(cfg, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
     FLAGS = flags.FLAGS
     config_flags.DEFINE_config_file("config", None, "config file[:args]", lock_config=False)
@@ -366,4 +371,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("process_id", 0, "this process's index (with --coordinator)")
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host TPU VMs)")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run_absl(main)

@@ -73,7 +73,7 @@ def assemble(llm_dir: str, vision_dir: str, out_dir: str, *, tokenizer_dir: str 
     from transformers import CLIPVisionModel, LlamaForCausalLM, LlavaConfig
 
     from hidrop_jax.config import n_vision_tokens
-    from hidrop_jax.convert import canonical_name, config_from_hf, config_to_hf, expected_tensors
+    from hidrop_jax.hf.mapping import canonical_name, config_from_hf, config_to_hf, expected_tensors
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):

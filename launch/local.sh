@@ -31,10 +31,11 @@ Options:
   --dry-run          print the exact commands instead of running them
   -h, --help         this help
 
-The first argument that is not one of these (or everything after `--`) starts TRAIN_ARGS;
-`python -m hidrop_jax.train --help` lists the trainer's flags (--config, --workdir,
---config.FIELD=VALUE, ...). A --workdir that holds a checkpoint resumes from it.
+A --workdir that holds a checkpoint resumes from it. With --procs > 1 the launcher adds
+--coordinator/--num_processes/--process_id itself: giving them too is an error.
+
 EOF
+  echo "$ARG_RULE"
 }
 
 SCRIPT=launch/local.sh
@@ -47,27 +48,21 @@ procs=1
 port=12355
 cpu_devices=0
 logdir=""
-dry_run=0
 
+VALUE_OPTS=(--procs --port --cpu-devices --logdir --python)
+FLAG_OPTS=(--dry-run)
+split_args "$@"
+set -- ${opts[@]+"${opts[@]}"}
 while (($#)); do
   case $1 in
-    --procs) need_value "$@"; procs=$2; shift 2 ;;
-    --procs=*) procs=${1#*=}; shift ;;
-    --port) need_value "$@"; port=$2; shift 2 ;;
-    --port=*) port=${1#*=}; shift ;;
-    --cpu-devices) need_value "$@"; cpu_devices=$2; shift 2 ;;
-    --cpu-devices=*) cpu_devices=${1#*=}; shift ;;
-    --logdir) need_value "$@"; logdir=$2; shift 2 ;;
-    --logdir=*) logdir=${1#*=}; shift ;;
-    --python) need_value "$@"; python=$2; shift 2 ;;
-    --python=*) python=${1#*=}; shift ;;
-    --dry-run) dry_run=1; shift ;;
-    -h | --help) usage; exit 0 ;;
-    --) shift; break ;;
-    *) break ;;
+    --procs) procs=$2; shift 2 ;;
+    --port) port=$2; shift 2 ;;
+    --cpu-devices) cpu_devices=$2; shift 2 ;;
+    --logdir) logdir=$2; shift 2 ;;
+    --python) python=$2; shift 2 ;;
+    *) shift ;;  # --dry-run: split_args set dry_run
   esac
 done
-train_args=("$@")
 
 [[ $procs =~ ^[1-9][0-9]*$ ]] || die "--procs must be a positive integer, got '$procs'"
 if ! [[ $port =~ ^[0-9]+$ ]] || ((port < 1 || port > 65535)); then
@@ -75,6 +70,14 @@ if ! [[ $port =~ ^[0-9]+$ ]] || ((port < 1 || port > 65535)); then
 fi
 [[ $cpu_devices =~ ^[0-9]+$ ]] || die "--cpu-devices must be a non-negative integer, got '$cpu_devices'"
 ((${#train_args[@]})) || die "no TRAIN_ARGS (at least --config and --workdir); see --help"
+if ((procs > 1)); then
+  for a in "${train_args[@]}"; do
+    case ${a%%=*} in
+      --coordinator | --num_processes | --process_id)
+        die "${a%%=*} is set by --procs $procs; drop it from the training arguments" ;;
+    esac
+  done
+fi
 
 env_vars=()
 if ((cpu_devices > 0)); then

@@ -48,11 +48,13 @@ Options:
   --dry-run                print the exact commands instead of running them
   -h, --help               this help
 
-TRAIN_ARGS start at the first argument that is not an option above (or after `--`) and go to
-`python -m hidrop_jax.train` unchanged. Paths in them are seen from each worker: --workdir must
-be on storage every worker shares at the same path (Filestore/NFS, or a bucket mounted with
-gcsfuse), because checkpoints are written by all workers together. See launch/README.md.
+TRAIN_ARGS go to `python -m hidrop_jax.train` on every worker. Paths in them are seen from each
+worker: --workdir must be on storage every worker shares at the same path (Filestore/NFS, or a
+bucket mounted with gcsfuse), because checkpoints are written by all workers together. See
+launch/README.md.
+
 EOF
+  echo "$ARG_RULE"
 }
 
 SCRIPT=launch/tpu_pod.sh
@@ -75,44 +77,34 @@ with_torch=0
 skip_setup=0
 setup_only=0
 detach=0
-dry_run=0
 train_env=()
 
+VALUE_OPTS=(--name --zone --project --accelerator-type --version --repo-url --ref --remote-dir
+  --python --env)
+FLAG_OPTS=(--create --spot --with-torch --skip-setup --setup-only --detach --dry-run)
+split_args "$@"
+set -- ${opts[@]+"${opts[@]}"}
 while (($#)); do
   case $1 in
-    --name) need_value "$@"; name=$2; shift 2 ;;
-    --name=*) name=${1#*=}; shift ;;
-    --zone) need_value "$@"; zone=$2; shift 2 ;;
-    --zone=*) zone=${1#*=}; shift ;;
-    --project) need_value "$@"; project=$2; shift 2 ;;
-    --project=*) project=${1#*=}; shift ;;
+    --name) name=$2; shift 2 ;;
+    --zone) zone=$2; shift 2 ;;
+    --project) project=$2; shift 2 ;;
+    --accelerator-type) accel=$2; shift 2 ;;
+    --version) version=$2; shift 2 ;;
+    --repo-url) repo_url=$2; shift 2 ;;
+    --ref) ref=$2; shift 2 ;;
+    --remote-dir) remote_dir=$2; shift 2 ;;
+    --python) python=$2; shift 2 ;;
+    --env) train_env+=("$2"); shift 2 ;;
     --create) create=1; shift ;;
-    --accelerator-type) need_value "$@"; accel=$2; shift 2 ;;
-    --accelerator-type=*) accel=${1#*=}; shift ;;
-    --version) need_value "$@"; version=$2; shift 2 ;;
-    --version=*) version=${1#*=}; shift ;;
     --spot) spot=1; shift ;;
-    --repo-url) need_value "$@"; repo_url=$2; shift 2 ;;
-    --repo-url=*) repo_url=${1#*=}; shift ;;
-    --ref) need_value "$@"; ref=$2; shift 2 ;;
-    --ref=*) ref=${1#*=}; shift ;;
-    --remote-dir) need_value "$@"; remote_dir=$2; shift 2 ;;
-    --remote-dir=*) remote_dir=${1#*=}; shift ;;
-    --python) need_value "$@"; python=$2; shift 2 ;;
-    --python=*) python=${1#*=}; shift ;;
     --with-torch) with_torch=1; shift ;;
     --skip-setup) skip_setup=1; shift ;;
     --setup-only) setup_only=1; shift ;;
-    --env) need_value "$@"; train_env+=("$2"); shift 2 ;;
-    --env=*) train_env+=("${1#*=}"); shift ;;
     --detach) detach=1; shift ;;
-    --dry-run) dry_run=1; shift ;;
-    -h | --help) usage; exit 0 ;;
-    --) shift; break ;;
-    *) break ;;
+    *) shift ;;  # --dry-run: split_args set dry_run
   esac
 done
-train_args=("$@")
 
 [[ -n $name ]] || die "--name is required (see --help)"
 [[ -n $zone ]] || die "--zone is required (see --help)"

@@ -57,6 +57,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 import tiny_config  # noqa: E402
 from hidrop_jax import sharding as shard_lib  # noqa: E402
 from hidrop_jax import train as train_lib  # noqa: E402
+from hidrop_jax.batch import INPUT_KEYS  # noqa: E402
+from hidrop_jax.data.setup import open_data  # noqa: E402
 
 # Plain SGD: the update is -LR * gradient, so the test reads the gradients off the parameters
 # (Adam would amplify float noise in near-zero gradients to ±lr). Rate 1 would overshoot on the
@@ -130,7 +132,7 @@ def run_steps(cfg, mesh, state, batches, steps):
     out["lr"] = np.asarray(LR)
     step = jitted_step(cfg, state)
     for i in range(steps):
-        inputs, targets = train_lib.device_batch(batches[i], mesh)
+        inputs, targets = shard_lib.put_batch(batches[i], mesh)
         state, m = step(state, inputs, targets)
         m = gather(m)
         out.update(flat(gather(state["params"]), f"step{i + 1}/"))
@@ -221,7 +223,7 @@ def state_placement(cfg):
     mu = [x for p, x in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]
           if jax.tree_util.keystr(p).endswith(".mu['text']['layers']['self_attn']['q_proj']['kernel']")]
     q = state["params"]["text"]["layers"]["self_attn"]["q_proj"]["kernel"]
-    inputs, targets = train_lib.device_batch(load_batches(ARGS.batches)[0], mesh)
+    inputs, targets = shard_lib.put_batch(load_batches(ARGS.batches)[0], mesh)
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     jax.jit(train_lib.make_train_step(cfg, tx), in_shardings=(state_sh, None, None),
             out_shardings=(state_sh, None), donate_argnums=(0,)).lower(state, inputs, targets)
@@ -243,7 +245,7 @@ def multihost_mode():
     assert len(jax.local_devices()) == ARGS.devices and len(jax.devices()) == n * ARGS.devices
     cfg = cfg_for(MULTIHOST_SCHEDULE)
     cfg.data.data_dir = ARGS.data_dir
-    tok, spec, src, _ = train_lib.data_setup(cfg, Path(ARGS.workdir))
+    tok, spec, src, _ = open_data(cfg, Path(ARGS.workdir))
     # The trainer's loader, sharded by jax.process_index() / process_count() by default.
     it = iter(data_lib.make_loader(src, tok, spec, global_batch_size=cfg.train.batch_size,
                                    seed=cfg.train.seed))
@@ -251,7 +253,7 @@ def multihost_mode():
     # Its rows must be this process's block of the global batch the single-process run saw.
     rows = slice(pid * cfg.train.batch_size // n, (pid + 1) * cfg.train.batch_size // n)
     for mine, whole in zip(local, load_batches(ARGS.batches)):
-        for k in data_lib.INPUT_KEYS + ("labels", "loss_mask"):
+        for k in INPUT_KEYS + ("labels", "loss_mask"):
             np.testing.assert_array_equal(mine[k], whole[k][rows], err_msg=k)
     mesh = shard_lib.make_mesh(MULTIHOST_MESH)
     res, layout = run_steps(cfg, mesh, train_lib.init_state(cfg, mesh, TX), local, STEPS)

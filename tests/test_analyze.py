@@ -10,7 +10,9 @@ import pytest
 
 import tiny_config
 from hidrop_jax import analyze
-from hidrop_jax.hidrop import analysis as an
+from hidrop_jax.analysis import plots, probes
+from hidrop_jax.batch import first_query_row, to_inputs
+from hidrop_jax.hidrop import propose as proposal
 from hidrop_jax.hidrop.schedule import Schedule
 from hidrop_jax.model import Inputs
 
@@ -77,17 +79,17 @@ def test_planted_intra_modal_minimum_is_the_injection():
     system, text = base.copy(), base.copy()
     system[2], text[5] = 1.0, 1.0
     h = _walk({0: system, 1: vision, 2: text}, rows)
-    sums, counts = an.intra_modal_sums(h, an.modality_masks(inp, N), np.ones(2, np.float32))
+    sums, counts = probes.intra_modal_sums(h, probes.modality_masks(inp, N), np.ones(2, np.float32))
     curves = np.asarray(sums / counts)
     assert counts.tolist() == [4, 8, 8]
-    inject, info = an.pick_injection(curves[:, 1])
+    inject, info = proposal.pick_injection(curves[:, 1])
     assert inject == 7, (curves[:, 1], info)
     assert info["candidates"][0] == 3  # the shallow dip was a local minimum, but not deep enough
     assert int(np.argmin(curves[1:-1, 0])) + 1 == 2 and int(np.argmin(curves[1:-1, 2])) + 1 == 5
     # of two comparable dips the earliest wins; no dip at all: no late injection
     c = [0.5, 0.9, 0.6, 0.9, 0.55, 0.9, 0.9]
-    assert an.pick_injection(c)[0] == 2
-    assert an.pick_injection([0.5, 0.6, 0.7, 0.8])[0] == 0
+    assert proposal.pick_injection(c)[0] == 2
+    assert proposal.pick_injection([0.5, 0.6, 0.7, 0.8])[0] == 0
 
 
 def _attention(L, B, H, T, N, same_as_next, seed=0):
@@ -109,29 +111,29 @@ def _attention(L, B, H, T, N, same_as_next, seed=0):
 def test_planted_ilvas_maxima_are_the_cuts():
     L, B, H, T, N = 12, 3, 4, 5, 16
     attn = _attention(L, B, H, T, N, same_as_next={1: 1.0, 4: 1.0, 7: 0.9})
-    sums, count = an.ilvas_sums(attn, T, (1,), 4, np.ones(B, np.float32))
+    sums, count = probes.ilvas_sums(attn, T, (1,), 4, np.ones(B, np.float32))
     curve = np.asarray(sums[1]) / float(count)
     assert np.allclose(curve[[1, 4]], 1.0, atol=1e-6) and 0.95 < curve[7] < 1.0 - 1e-4
     assert curve[[0, 2, 3, 5, 6, 8]].max() < 0.95, curve
     full = list(curve) + [None]
     # injection at 2: the maximum at 1 comes before it and is ignored; cut after l − 1
-    prune, info = an.pick_prune_layers({1: full}, inject=2, exit_layer=11)
+    prune, info = proposal.pick_prune_layers({1: full}, inject=2, exit_layer=11)
     assert prune == (3, 6) and info["ilvas_layers"] == [4, 7]
     # two cuts at most: the two highest maxima, in layer order
-    assert an.pick_prune_layers({1: full}, inject=0, exit_layer=11, max_cuts=2)[0] == (0, 3)
+    assert proposal.pick_prune_layers({1: full}, inject=0, exit_layer=11, max_cuts=2)[0] == (0, 3)
     # no room after injection for the maximum at 7 (exit 8 -> cuts after ≤ 6 scored at ≤ 7)
-    assert an.pick_prune_layers({1: full}, inject=5, exit_layer=8)[0] == (6,)
+    assert proposal.pick_prune_layers({1: full}, inject=5, exit_layer=8)[0] == (6,)
     # the token-wise variant finds the same maxima
-    s2, _ = an.ilvas_sums(attn, T, (1,), 4, np.ones(B, np.float32), mode="token")
+    s2, _ = probes.ilvas_sums(attn, T, (1,), 4, np.ones(B, np.float32), mode="token")
     assert np.allclose(np.asarray(s2[1])[[1, 4]] / B, 1.0, atol=1e-6)
 
 
 def test_exit_is_where_the_probe_loss_stays_at_baseline():
     # dips into the tolerance at e = 3 but leaves it again at 4: the exit is 5
     loss = [5.0, 3.0, 2.03, 2.2, 2.01, 2.0, 1.99, 2.0]
-    assert an.pick_exit(loss, 0.02)[0] == 5
-    assert an.pick_exit(loss, 0.2)[0] == 3
-    assert an.pick_exit([3.0, 2.0, 1.0], 0.02)[0] == 3  # every early exit hurts: none
+    assert proposal.pick_exit(loss, 0.02)[0] == 5
+    assert proposal.pick_exit(loss, 0.2)[0] == 3
+    assert proposal.pick_exit([3.0, 2.0, 1.0], 0.02)[0] == 3  # every early exit hurts: none
 
 
 # ----------------------------------------------------------------------------- budget solver
@@ -146,7 +148,7 @@ def test_exit_is_where_the_probe_loss_stays_at_baseline():
 def test_budget_solver_meets_the_budget_with_a_concave_profile(L, N, inject, prune, exit_layer,
                                                                budgets):
     for budget in budgets:
-        keep = an.solve_keep(N, L, inject, prune, exit_layer, budget)
+        keep = proposal.solve_keep(N, L, inject, prune, exit_layer, budget)
         s = Schedule(num_layers=L, n_vision=N, inject_layer=inject, prune_after=prune, keep=keep,
                      exit_layer=exit_layer)  # validates
         assert abs(s.mean_tokens() - budget) <= 1, (budget, keep, s.mean_tokens())
@@ -160,11 +162,11 @@ def test_budget_solver_meets_the_budget_with_a_concave_profile(L, N, inject, pru
 
 def test_budget_solver_names_unreachable_budgets():
     with pytest.raises(ValueError, match=r"budget = 600.*576"):
-        an.solve_keep(576, 32, 8, (9, 13), 24, 600)
+        proposal.solve_keep(576, 32, 8, (9, 13), 24, 600)
     with pytest.raises(ValueError, match=r"budget = 20 is below"):  # 576·2/32 = 36 already
-        an.solve_keep(576, 32, 8, (9, 13), 24, 20)
+        proposal.solve_keep(576, 32, 8, (9, 13), 24, 20)
     with pytest.raises(ValueError, match=r"budget = 300 is above"):
-        an.solve_keep(576, 32, 8, (9, 13), 24, 300)
+        proposal.solve_keep(576, 32, 8, (9, 13), 24, 300)
 
 
 def test_propose_gives_a_valid_schedule_from_planted_curves():
@@ -173,15 +175,15 @@ def test_propose_gives_a_valid_schedule_from_planted_curves():
     ilvas = {4: [0.5, 0.6, 0.7, 0.6, 0.8, 0.7, 0.75, 0.7, None, None, None, None],
              2: [0.5, 0.6, 0.7, 0.6, 0.9, 0.7, 0.8, 0.7, 0.6, 0.5, None, None]}
     loss = [3.0, 2.9, 2.5, 2.2, 2.1, 2.1, 2.05, 2.01, 2.0, 2.0, 2.0, 2.0]
-    s, info = an.propose(vision_curve=vision, ilvas_curves=ilvas, probe_loss=loss, num_layers=L,
+    s, info = proposal.propose(vision_curve=vision, ilvas_curves=ilvas, probe_loss=loss, num_layers=L,
                          n_vision=64, budget=12)
     assert (s.inject_layer, s.prune_after, s.exit) == (3, (3, 5), 8)
     assert abs(s.mean_tokens() - 12) <= 1 and info["keep"]["concave"]
     assert Schedule(num_layers=L, n_vision=64, inject_layer=s.inject_layer,
                     prune_after=s.prune_after, keep=s.keep, exit_layer=s.exit) == s
-    assert "--config.hidrop.prune_after='(3,5)'" in an.config_flags(s)
+    assert "--config.hidrop.prune_after='(3,5)'" in proposal.config_flags(s)
     # a budget the layout can only reach with a cut right after injection: the first cut moves
-    s, info = an.propose(vision_curve=vision, ilvas_curves={2: [None] * 5 + [0.5, 0.9, 0.5] + [None] * 4},
+    s, info = proposal.propose(vision_curve=vision, ilvas_curves={2: [None] * 5 + [0.5, 0.9, 0.5] + [None] * 4},
                          probe_loss=loss, num_layers=L, n_vision=64, budget=8)
     assert s.prune_after == (3, 5) and s.inject_layer == 3 and info["notes"]
     assert abs(s.mean_tokens() - 8) <= 1
@@ -202,16 +204,16 @@ def test_layer_states_and_exit_probe_match_the_model(data_dir):
     src = load_source(DATA, "validation", data_dir)
     batch = next(data_lib.eval_batches(src, shapes_vqa_tokenizer(), spec, batch_size=3,
                                        shard_index=0, shard_count=1))
-    inputs, tg = data_lib.to_inputs(batch)
-    q = an.last_prompt_row(inputs)
+    inputs, tg = to_inputs(batch)
+    q = first_query_row(inputs)
     ins = inputs._replace(query_idx=q[:, None], query_valid=jnp.ones((3, 1), bool))
     w = np.asarray(inputs.has_image, np.float32)
 
     @jax.jit
     def run(params):
-        h, attn = an.layer_states(cfg, params, inputs, vision_on=an.vision_flags(4, 1, 3))
-        hv, _ = an.layer_states(cfg, params, inputs)
-        nll, tokens, _ = an.exit_probe(cfg, params, hv, inputs, tg.labels, tg.loss_mask, w)
+        h, attn = probes.layer_states(cfg, params, inputs, vision_on=probes.vision_flags(4, 1, 3))
+        hv, _ = probes.layer_states(cfg, params, inputs)
+        nll, tokens, _ = probes.exit_probe(cfg, params, hv, inputs, tg.labels, tg.loss_mask, w)
         return h, attn, nll
 
     @jax.jit
@@ -239,7 +241,7 @@ def test_layer_states_and_exit_probe_match_the_model(data_dir):
 
 def test_patch_overlay_dims_the_dropped_patches():
     img = np.full((56, 56, 3), 200, np.uint8)
-    out = an.patch_overlay(img, [0, 5], grid=4, scale=4)
+    out = plots.patch_overlay(img, [0, 5], grid=4, scale=4)
     assert out.shape == (224, 224, 3)
     assert (out[60, 60] == 200).all()          # inside kept patch 5 (row 1, col 1)
     assert (out[10, 10] == 200).all()          # inside kept patch 0

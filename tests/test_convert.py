@@ -14,7 +14,8 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from hf_tiny import make_batch, make_hf_llava
 from hidrop_jax.config import schedule_of
-from hidrop_jax.convert import config_from_hf, config_to_hf, load_checkpoint, load_hf
+from hidrop_jax.checkpoint import load_checkpoint
+from hidrop_jax.convert import config_from_hf, config_to_hf, load_hf
 from hidrop_jax.model import abstract_params, count_params, forward_hf, init_params
 
 

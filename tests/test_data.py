@@ -279,7 +279,9 @@ def test_matches_hf_adapter(train, tok):
     """Our native inputs equal what the model's HF adapter derives from the expanded sequence."""
     import jax
     from hidrop_jax.config import make_config, model_config
-    from hidrop_jax.model import forward, hf_to_inputs, init_params
+    from hidrop_jax.batch import to_inputs
+    from hidrop_jax.hf.inputs import hf_to_inputs
+    from hidrop_jax.model import forward, init_params
     m = model_config(vision=dict(image_size=56, patch_size=14, hidden_size=16,
                                  intermediate_size=32, num_layers=1, num_heads=2),
                      text=dict(vocab_size=128, hidden_size=16, intermediate_size=32,
@@ -298,7 +300,7 @@ def test_matches_hf_adapter(train, tok):
             seq = seq[:s] + [3] * 16 + seq[s:]
         ids[b, :len(seq)], mask[b, :len(seq)] = seq, True
     want, _ = hf_to_inputs(m, ids, batch["pixels"], mask)
-    inputs, targets = P.to_inputs(batch)
+    inputs, targets = to_inputs(batch)
     for k in ("text_ids", "text_pos", "text_valid", "image_slot", "has_image"):
         a, b = np.asarray(getattr(want, k)), np.asarray(getattr(inputs, k))
         v = batch["text_valid"] if a.ndim == 2 else np.ones(len(a), bool)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from hidrop_jax import export
+from hidrop_jax.hf import save as export
 from hidrop_jax.convert import canonical_name, load_hf, main
-from hidrop_jax.export import save_hf
+from hidrop_jax.hf.save import save_hf
 from hidrop_jax.config import resolved, with_schedule
 from hf_tiny import IMAGE_TOKEN, hf_logits, make_batch, make_hf_llava
 

@@ -9,7 +9,9 @@ import torch
 from hf_tiny import IMAGE_TOKEN, make_batch, make_hf_llava
 from hidrop_jax import generate as gen_lib
 from hidrop_jax.convert import load_hf
-from hidrop_jax.model import Inputs, forward, hf_to_inputs, last_prompt_row
+from hidrop_jax.batch import Inputs, last_prompt_row
+from hidrop_jax.hf.inputs import hf_to_inputs
+from hidrop_jax.model import forward
 
 MAX_NEW = 5
 SCHEDULES = {
@@ -163,7 +165,7 @@ def test_cli_hf_dir(tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "cut after layer 2: kept 6 of 16" in out and "layers 0-1: text only" in out
     # --workdir: a hidrop_jax checkpoint with its tokenizer in DIR/tokenizer (same answer)
-    from hidrop_jax.convert import load_hf, save_checkpoint
+    from hidrop_jax.checkpoint import save_checkpoint
     save_checkpoint(tmp_path / "wd", *load_hf(d))
     build_word_tokenizer(["what colour is the square", "red green blue"], str(tmp_path / "wd/tokenizer"))
     gen_lib.main(["--workdir", str(tmp_path / "wd")] + args[2:])

@@ -8,7 +8,8 @@ import pytest
 from hf_tiny import make_batch, make_hf_llava
 from hidrop_jax.convert import load_hf
 from hidrop_jax.hidrop.select import select, soft_mask, soft_rank
-from hidrop_jax.model import forward, forward_hf, hf_to_inputs
+from hidrop_jax.hf.inputs import hf_to_inputs
+from hidrop_jax.model import forward, forward_hf
 
 SCHED = dict(inject_layer=2, prune_after=(2, 3), keep=(8, 3), exit_layer=5)
 

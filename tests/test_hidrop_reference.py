@@ -34,7 +34,8 @@ import torch
 
 from hf_tiny import IMAGE_TOKEN, hf_logits, make_hf_llava
 from hidrop_jax.convert import load_hf
-from hidrop_jax.model import forward, forward_hf, hf_to_inputs
+from hidrop_jax.hf.inputs import hf_to_inputs
+from hidrop_jax.model import forward, forward_hf
 
 pytestmark = pytest.mark.slow
 

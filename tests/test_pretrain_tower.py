@@ -11,7 +11,8 @@ from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionMode
 
 import tiny_config
 from hidrop_jax.config import feature_layers_run
-from hidrop_jax.convert import load_hf_vision, save_hf_vision
+from hidrop_jax.hf.load import load_hf_vision
+from hidrop_jax.hf.save import save_hf_vision
 from hidrop_jax.data import shapes
 from hidrop_jax.layers.clip import init_vision, vision_hidden_state
 from hidrop_jax.model import vision_dims

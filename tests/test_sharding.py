@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import tiny_config
-from hidrop_jax import train as train_lib
+from hidrop_jax.data.setup import open_data
 from hidrop_jax.data import pipeline as data_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def run(tmp_path_factory):
     cfg = tiny_config.get_config("schedule=tok64")
     cfg.data.data_dir = str(root / "tfds")
     workdir = root / "work"
-    tok, spec, src, _ = train_lib.data_setup(cfg, workdir)
+    tok, spec, src, _ = open_data(cfg, workdir)
     its = [iter(data_lib.make_loader(src, tok, spec, global_batch_size=GLOBAL_BATCH, seed=cfg.train.seed,
                                      shard_index=i, shard_count=2)) for i in range(2)]
     saved = {}

@@ -15,7 +15,10 @@ import tiny_config
 from hidrop_jax import sharding as shard_lib
 from hidrop_jax import train as train_lib
 from hidrop_jax.data import pipeline as data_lib
-from hidrop_jax.evaluate import load_run
+from hidrop_jax.batch import to_inputs
+from hidrop_jax.checkpoint import load_run
+from hidrop_jax.data.setup import open_data
+from hidrop_jax.metrics import token_nll
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +36,7 @@ def _cfg(data_dir, arg="schedule=tok64", **train):
 
 
 def _setup(cfg, tmp_path):
-    tok, spec, src, _ = train_lib.data_setup(cfg, tmp_path)
+    tok, spec, src, _ = open_data(cfg, tmp_path)
     batch = next(iter(data_lib.make_loader(src, tok, spec, global_batch_size=cfg.train.batch_size)))
     mesh = shard_lib.make_mesh(tuple(cfg.train.mesh))
     tx, _ = train_lib.make_optimizer(cfg.train, train_lib.abstract_params(cfg))
@@ -45,7 +48,7 @@ def test_overfits_a_fixed_batch(data_dir, tmp_path):
     batch, mesh, tx = _setup(cfg, tmp_path)
     state = train_lib.init_state(cfg, mesh, tx)
     step = jax.jit(train_lib.make_train_step(cfg, tx))
-    inputs, targets = train_lib.device_batch(batch, mesh)
+    inputs, targets = shard_lib.put_batch(batch, mesh)
     losses = []
     for _ in range(40):
         state, m = step(state, inputs, targets)
@@ -59,7 +62,7 @@ def test_gradient_accumulation_equals_one_batch(data_dir, tmp_path):
     import optax
     cfg1 = _cfg(data_dir, grad_accum=1)
     batch, mesh, _ = _setup(cfg1, tmp_path)
-    inputs, targets = train_lib.device_batch(batch, mesh)
+    inputs, targets = shard_lib.put_batch(batch, mesh)
     tx = optax.sgd(1.0)
     out = []
     for accum in (1, 2):
@@ -78,7 +81,7 @@ def test_frozen_parts_do_not_move(data_dir, tmp_path):
     before = jax.device_get(state["params"])
     step = jax.jit(train_lib.make_train_step(cfg, tx))
     for _ in range(2):  # the warmup's first learning rate is 0
-        state, _ = step(state, *train_lib.device_batch(batch, mesh))
+        state, _ = step(state, *shard_lib.put_batch(batch, mesh))
     after = jax.device_get(state["params"])
     for part in ("vision", "text"):
         jax.tree.map(np.testing.assert_array_equal, before[part], after[part])
@@ -93,11 +96,11 @@ def test_frozen_groups_are_not_differentiated_and_updates_are_unchanged(data_dir
     cfg = _cfg(data_dir, trainable="projector+llm", warmup_steps=1)
     batch, mesh, tx = _setup(cfg, tmp_path)
     state = train_lib.init_state(cfg, mesh, tx)
-    inputs, targets = train_lib.device_batch(batch, mesh)
+    inputs, targets = shard_lib.put_batch(batch, mesh)
 
     def reference(state):
         def loss(p):
-            nll, n, _ = train_lib.token_nll(forward(cfg, p, inputs), targets)
+            nll, n, _ = token_nll(forward(cfg, p, inputs), targets)
             return nll / n
         g = jax.grad(loss)(state["params"])
         updates, _ = tx.update(g, state["opt_state"], state["params"])
@@ -116,7 +119,7 @@ def test_init_vision_starts_from_a_clip_tower_and_keeps_it_frozen(data_dir, tmp_
     """Stage 2 from a pretrained CLIP (`train.init_vision`): the run's tower is the file's,
     unchanged after training, while the LLM moved; a tower of another size is refused."""
     from flax.core import meta
-    from hidrop_jax.convert import save_hf_vision
+    from hidrop_jax.hf.save import save_hf_vision
     from hidrop_jax.layers.clip import init_vision
     from hidrop_jax.model import vision_dims
     cfg = _cfg(data_dir, trainable="projector+llm", steps=3, ckpt_every=3)
@@ -135,21 +138,41 @@ def test_init_vision_starts_from_a_clip_tower_and_keeps_it_frozen(data_dir, tmp_
         train_lib.train(wide, tmp_path / "wide")
 
 
-def _train_cmd(workdir, data_dir, steps):
+def _train_cmd(workdir, data_dir, steps, ckpt_every=2, *extra):
     return [sys.executable, "-m", "hidrop_jax.train", f"--config={ROOT}/tests/tiny_config.py",
             f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-            f"--config.train.steps={steps}", "--config.train.ckpt_every=2",
-            "--config.train.keep_ckpts=50"]
+            f"--config.train.steps={steps}", f"--config.train.ckpt_every={ckpt_every}",
+            "--config.train.keep_ckpts=50", *extra]
+
+
+STEPS = 16
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+@pytest.fixture(scope="module")
+def reference_run(data_dir, tmp_path_factory):
+    """An uninterrupted run of STEPS steps: what an interrupted and resumed one must equal."""
+    ref = tmp_path_factory.mktemp("ref")
+    subprocess.run(_train_cmd(ref, data_dir, STEPS), check=True, env=ENV, capture_output=True)
+    return load_run(ref)[1]
+
+
+def _steps_saved(run):
+    return sorted(int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit())
+
+
+def _resume_and_compare(run, data_dir, reference_run, kept):
+    subprocess.run(_train_cmd(run, data_dir, STEPS), check=True, env=ENV, capture_output=True)
+    after = _steps_saved(run)
+    assert set(kept) <= set(after) and after[-1] == STEPS  # nothing lost, run completed
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0),
+                 reference_run, load_run(run)[1])
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_matches_uninterrupted(data_dir, tmp_path):
-    steps = 16
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    ref = tmp_path / "ref"
-    subprocess.run(_train_cmd(ref, data_dir, steps), check=True, env=env, capture_output=True)
+def test_sigkill_and_resume_matches_uninterrupted(data_dir, tmp_path, reference_run):
     run = tmp_path / "run"
-    p = subprocess.Popen(_train_cmd(run, data_dir, steps), env=env,
+    p = subprocess.Popen(_train_cmd(run, data_dir, STEPS), env=ENV,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (run / "checkpoints" / "6").exists() and p.poll() is None and time.time() < deadline:
@@ -157,14 +180,32 @@ def test_sigkill_and_resume_matches_uninterrupted(data_dir, tmp_path):
     assert p.poll() is None, "training finished before it could be killed"
     p.send_signal(signal.SIGKILL)
     p.wait()
-    kept = sorted(int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit())
-    assert kept and kept[-1] < steps
-    subprocess.run(_train_cmd(run, data_dir, steps), check=True, env=env, capture_output=True)
-    after = sorted(int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit())
-    assert set(kept) <= set(after) and after[-1] == steps  # nothing lost, run completed
-    _, p_ref, _ = load_run(ref)
-    _, p_run, _ = load_run(run)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), p_ref, p_run)
+    kept = _steps_saved(run)
+    assert kept and kept[-1] < STEPS
+    _resume_and_compare(run, data_dir, reference_run, kept)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_resumes_exactly(data_dir, tmp_path, reference_run):
+    """Preemption (Spot TPU VMs, SLURM send SIGTERM before they kill): the trainer saves the
+    step it is at, newer than the last periodic checkpoint, exits cleanly, and a relaunch
+    reaches the uninterrupted run's parameters."""
+    run = tmp_path / "run"
+    p = subprocess.Popen(_train_cmd(run, data_dir, STEPS, 8, "--config.train.log_every=1"), env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    metrics = run / "metrics.jsonl"
+    while p.poll() is None and time.time() < deadline and not (
+            metrics.exists() and '"step": 9,' in metrics.read_text()):
+        time.sleep(0.02)
+    assert p.poll() is None, "training finished before it could be preempted"
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    kept = _steps_saved(run)
+    assert kept[0] == 8 and 9 <= kept[-1] < STEPS and len(kept) == 2, kept  # periodic 8 + the preempted step
+    assert f"preempted (SIGTERM): saved step {kept[-1]}" in err
+    _resume_and_compare(run, data_dir, reference_run, kept)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
@@ -201,6 +242,8 @@ def test_trained_workdir_exports_and_pytorch_agrees(data_dir, tmp_path):
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
     from hidrop_jax import evaluate as eval_lib
+    from hidrop_jax.hf.inputs import expand_image_tokens
+    from hidrop_jax.hf.torch_eval import evaluate_torch
     from hidrop_jax.convert import main as convert_main
     from hidrop_jax.model import forward
     cfg = _cfg(data_dir, "schedule=vanilla", steps=2, ckpt_every=2)
@@ -208,10 +251,10 @@ def test_trained_workdir_exports_and_pytorch_agrees(data_dir, tmp_path):
     convert_main(["export-hf", str(tmp_path / "run"), str(tmp_path / "hf")])
     assert AutoProcessor.from_pretrained(tmp_path / "hf").tokenizer.convert_tokens_to_ids("<image>") == 3
     cfg, params, _ = load_run(tmp_path / "run")
-    tok, spec, _, src = train_lib.data_setup(cfg, tmp_path / "run")
+    tok, spec, _, src = open_data(cfg, tmp_path / "run")
     batch = next(data_lib.eval_batches(src, tok, spec, batch_size=4))
-    ours = np.asarray(forward(cfg, params, data_lib.to_inputs(batch)[0]))
-    ids, mask, cols = eval_lib.expand_image_tokens(batch, 3, spec.n_vision)
+    ours = np.asarray(forward(cfg, params, to_inputs(batch)[0]))
+    ids, mask, cols = expand_image_tokens(batch, 3, spec.n_vision)
     has = np.asarray(batch["has_image"])
     hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
@@ -222,6 +265,6 @@ def test_trained_workdir_exports_and_pytorch_agrees(data_dir, tmp_path):
     np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-4, rtol=0)
     mesh = shard_lib.make_mesh((-1, 1, 1))
     jax_acc = eval_lib.evaluate_params(cfg, params, src, tok, spec, mesh, batch_size=4)
-    torch_acc = eval_lib.evaluate_torch(tmp_path / "hf", src, tok, spec, batch_size=4)
+    torch_acc = evaluate_torch(tmp_path / "hf", src, tok, spec, batch_size=4)
     assert jax_acc["rounds"] == torch_acc["rounds"] > 0
     assert jax_acc["accuracy"] == pytest.approx(torch_acc["accuracy"])

@@ -33,7 +33,8 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from hidrop_jax.data.shapes_vqa import feature_spec
+from hidrop_jax.data.features import encode_jpeg, feature_spec
+from hidrop_jax.data.local_builder import LocalBuilder
 
 log = logging.getLogger(__name__)
 IMAGE_PLACEHOLDER = "<image>"
@@ -62,7 +63,6 @@ def llava_json_config(json_file: str, image_dir: str = "", *, num_validation: in
 def _blank_jpeg() -> bytes:
     global _BLANK_JPEG
     if _BLANK_JPEG is None:
-        from hidrop_jax.data.shapes import encode_jpeg
         _BLANK_JPEG = encode_jpeg(np.zeros((1, 1, 3), np.uint8))
     return _BLANK_JPEG
 
@@ -134,7 +134,7 @@ def strip_placeholder(text: str) -> str:
         "\n" + IMAGE_PLACEHOLDER, "").replace(IMAGE_PLACEHOLDER, "").strip()
 
 
-class LlavaJson(tfds.core.GeneratorBasedBuilder):
+class LlavaJson(LocalBuilder, tfds.core.GeneratorBasedBuilder):
     """LLaVA conversation JSON + images from manual_dir (see module doc)."""
 
     VERSION = tfds.core.Version("1.0.0")

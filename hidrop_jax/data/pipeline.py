@@ -20,7 +20,7 @@ One example (`encode_example`) becomes static-shape numpy arrays (T = `max_len`,
     query_idx   [Q] int32  per round, the row whose label is the round's first answer token (the
                            last text token before the answer), for HiDrop scoring; padded with 0
     query_valid [Q] bool
-    round_type  [Q] int32  index into `shapes.QUESTION_TYPES` (-1 padding)
+    round_type  [Q] int32  index into `features.QUESTION_TYPES` (-1 padding)
     answer_text [Q] <U64   the answers (evaluation / debugging; not for the device)
     id          []  <U64   the record's id
     truncated   []  bool   the text did not fit in T (rows past T dropped; the label of row T-1
@@ -28,7 +28,7 @@ One example (`encode_example`) becomes static-shape numpy arrays (T = `max_len`,
     skipped_before [] int32 corrupt/undecodable records dropped just before this one
     example_valid  [] bool  False only for padding rows of a final eval batch
 
-`to_inputs(batch)` turns a batch into `hidrop_jax.model.Inputs` + targets.
+`hidrop_jax.batch.to_inputs(batch)` turns a batch into the model's `Inputs` + `Targets`.
 """
 
 from __future__ import annotations
@@ -36,14 +36,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from typing import Any, Iterator, NamedTuple, Optional
+from typing import Iterator, Optional
 
 import grain.python as grain
 import numpy as np
 
+from hidrop_jax.config import n_vision_tokens
 from hidrop_jax.data import image as image_lib
 from hidrop_jax.data import templates
-from hidrop_jax.data.shapes import QUESTION_TYPES
+from hidrop_jax.data.features import QUESTION_TYPES
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -74,7 +75,6 @@ class TextImageSpec:
     @classmethod
     def for_model(cls, model_cfg, **kw) -> "TextImageSpec":
         """n_vision and image_size from a model config (`cfg.model`)."""
-        from hidrop_jax.config import n_vision_tokens
         return cls(n_vision=n_vision_tokens(model_cfg), image_size=model_cfg.vision.image_size,
                    **kw)
 
@@ -343,28 +343,3 @@ def pad_batch(batch: dict, batch_size: int) -> dict:
             pad[:] = -1
         out[k] = np.concatenate([v, pad])
     return out
-
-
-# ----------------------------------------------------------------------------- model inputs
-
-class Targets(NamedTuple):
-    labels: Any        # [B, T] int32, IGNORE where loss_mask is False
-    loss_mask: Any     # [B, T] bool
-    label_round: Any   # [B, T] int32
-    round_type: Any    # [B, Q] int32
-    example_valid: Any  # [B] bool
-
-
-INPUT_KEYS = ("text_ids", "text_pos", "text_valid", "image_slot", "has_image", "pixels",
-              "query_idx", "query_valid")
-
-
-def to_inputs(batch: dict, *, with_pixels: bool = True):
-    """A batch -> (`hidrop_jax.model.Inputs`, `Targets`), numpy arrays (wrap with jnp / shard
-    with `jax.make_array_from_process_local_data` as the trainer needs)."""
-    from hidrop_jax.model import Inputs
-    kw = {k: batch[k] for k in INPUT_KEYS}
-    if not with_pixels:
-        kw["pixels"] = None
-    return Inputs(**kw), Targets(batch["labels"], batch["loss_mask"], batch["label_round"],
-                                 batch["round_type"], batch["example_valid"])

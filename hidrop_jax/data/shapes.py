@@ -13,10 +13,11 @@ octaves of smooth noise, so no two background patches are identical.
 
 from __future__ import annotations
 
-import io
 from typing import NamedTuple
 
 import numpy as np
+
+from hidrop_jax.data.features import IMAGE_QUESTION_TYPES, encode_jpeg
 
 IMAGE_SIZE = 336
 MIN_RADIUS, MAX_RADIUS = 10, 20
@@ -36,10 +37,6 @@ PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles",
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 DIRECTIONS = ("left", "right", "above", "below")
 
-# Question types, in a fixed order: their index is the `round_type` id the pipeline emits.
-# "text" = text-only questions (no image); "other" = anything from a foreign dataset.
-QUESTION_TYPES = ("color", "shape", "count", "exist", "position", "text", "other")
-IMAGE_QUESTION_TYPES = QUESTION_TYPES[:5]
 SPLITS = {"train": 0, "validation": 1, "test": 2}
 
 
@@ -267,13 +264,6 @@ def make_example(seed: int, split: str, index: int, *, text_only_frac: float = 0
 def is_text_only(seed: int, split: str, index: int, text_only_frac: float = 0.03) -> bool:
     """Whether `make_example(seed, split, index)` is text-only, without drawing it."""
     return bool(np.random.default_rng([seed, SPLITS[split], index]).random() < text_only_frac)
-
-
-def encode_jpeg(pixels: np.ndarray, quality: int = 95) -> bytes:
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def vocabulary_texts() -> list[str]:

@@ -20,6 +20,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from hidrop_jax.data import shapes
+from hidrop_jax.data.features import QUESTION_TYPES, feature_spec
+from hidrop_jax.data.local_builder import LocalBuilder
 
 _DESCRIPTION = """Synthetic VQA: 336x336 images of 1-5 coloured shapes on a textured background,
 1-3 single-word question/answer rounds per image (color, shape, count, exist, position), a few
@@ -56,22 +58,7 @@ def shapes_config(train: int = 20_000, validation: int = 1_000, test: int = 1_00
                            description=f"{train}/{validation}/{test} examples, seed {seed}")
 
 
-def feature_spec() -> dict:
-    """The feature spec shared with `llava_json` (shapes_vqa adds its own `objects`)."""
-    return {
-        "id": tfds.features.Text(),
-        # Text-only samples carry a 1×1 black image and has_image False.
-        "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-        "has_image": np.bool_,
-        "conversations": tfds.features.FeaturesDict({
-            "question": tfds.features.Sequence(tfds.features.Text()),
-            "answer": tfds.features.Sequence(tfds.features.Text()),
-            "type": tfds.features.Sequence(tfds.features.Text()),
-        }),
-    }
-
-
-class ShapesVqa(tfds.core.GeneratorBasedBuilder):
+class ShapesVqa(LocalBuilder, tfds.core.GeneratorBasedBuilder):
     """Synthetic shapes VQA (see module doc)."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -99,7 +86,7 @@ class ShapesVqa(tfds.core.GeneratorBasedBuilder):
             features=tfds.features.FeaturesDict(spec),
             metadata=tfds.core.MetadataDict(
                 seed=c.seed, text_only_frac=c.text_only_frac, image_size=shapes.IMAGE_SIZE,
-                question_types=list(shapes.QUESTION_TYPES)),
+                question_types=list(QUESTION_TYPES)),
         )
 
     def _split_generators(self, dl_manager):

@@ -12,6 +12,9 @@ from __future__ import annotations
 import os
 import re
 
+from hidrop_jax.data.templates import TEMPLATE_STRINGS
+from hidrop_jax.data import shapes
+
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<image>", "<pad>")
 UNK, BOS, EOS, IMAGE, PAD = SPECIAL_TOKENS
 _WORD_RE = r"\w+|[^\w\s]|\n"
@@ -61,7 +64,6 @@ def build_word_tokenizer(texts, out_dir: str | None = None, *, min_count: int = 
 
 def template_texts() -> list[str]:
     """Every fixed string the chat templates emit (so the word-level vocabulary covers them)."""
-    from hidrop_jax.data.templates import TEMPLATE_STRINGS
     return list(TEMPLATE_STRINGS)
 
 
@@ -72,7 +74,6 @@ def shapes_vqa_tokenizer(out_dir: str | None = None, *, pad_to_multiple_of: int 
     full builds share one tokenizer; `tests/test_data.py` checks a build tokenizes with no
     `<unk>`. Use `build_word_tokenizer(texts_of(source))` for a vocabulary read from data.
     """
-    from hidrop_jax.data import shapes
     return build_word_tokenizer(shapes.vocabulary_texts() + template_texts(), out_dir,
                                 pad_to_multiple_of=pad_to_multiple_of)
 

@@ -2,9 +2,9 @@
 
     python -m hidrop_jax.convert export-hf CKPT_DIR OUT_DIR [--tokenizer TOK_DIR]
 
-Tensor names and transforms come from `convert.TABLE` (the inverse of import). The directory is
-built in a temporary sibling and renamed into place when complete, so an interrupted export never
-leaves a model that looks whole. Shards are written one at a time: besides the parameters
+Tensor names and transforms come from `hf.mapping.TABLE` (the inverse of import). The directory
+is built in a temporary sibling and renamed into place when complete (`atomic.atomic_dir`), so an
+interrupted export never leaves a model that looks whole. Shards are written one at a time: besides the parameters
 themselves, at most one shard's worth of converted tensors is held in memory.
 
 What is written: `config.json`, `model.safetensors` (or `model-0000k-of-0000n.safetensors` +
@@ -16,21 +16,18 @@ tokenizer files, `preprocessor_config.json` (CLIP) and `processor_config.json` (
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from hidrop_jax.atomic import atomic_dir, check_out_dir
 from hidrop_jax.config import resolved
-from hidrop_jax.convert import TABLE, to_hf, config_to_hf, expected_tensors
+from hidrop_jax.data.image import CLIP_MEAN, CLIP_STD
+from hidrop_jax.hf.mapping import TABLE, config_to_hf, expected_tensors, to_hf, vision_to_hf
+from hidrop_jax.model import abstract_params
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # OpenAI CLIP (what LLaVA-1.5 uses)
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 _DTYPE = np.float32  # we keep fp32 masters; HF loads fp32 and casts on request
 
 
@@ -49,7 +46,6 @@ def _hf_names() -> dict:
 def check_params(cfg, params) -> None:
     """Every array's shape against `cfg.model` (`abstract_params`); one error names every HF
     tensor that is missing, unexpected or of the wrong shape (shapes in HF's [out, in] order)."""
-    from hidrop_jax.model import abstract_params
     want, have, names = _flat(abstract_params(cfg)), _flat(params), _hf_names()
 
     def hf_shape(path, shape):
@@ -145,7 +141,7 @@ def _image_processor(cfg):
     s = cfg.model.vision.image_size
     return Proc(do_resize=True, size={"shortest_edge": s}, resample=3, do_center_crop=True,
                 crop_size={"height": s, "width": s}, do_rescale=True, rescale_factor=1 / 255,
-                do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True)
+                do_normalize=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True)
 
 
 def _check_tokenizer(cfg, tokenizer) -> str:
@@ -191,27 +187,18 @@ def _edit_json(path: Path, edit) -> None:
         path.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
-
-
 def save_hf(cfg, params, out_dir, tokenizer=None, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
             overwrite: bool = False) -> Path:
     """Writes a HF LLaVA directory for (cfg, params); returns its path. `tokenizer` (a
     `PreTrainedTokenizerBase` whose vocabulary holds `cfg.model.image_token_id`) adds the
     tokenizer, a CLIP image processor and a LlavaProcessor, so `AutoProcessor` loads."""
     out = Path(out_dir).absolute()
-    _check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite)
     check_params(cfg, params)
     image_token = _check_tokenizer(cfg, tokenizer) if tokenizer is not None else None
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         _write_weights(tmp, cfg, params, max_shard_bytes)
         if "hidrop" in cfg:
             (tmp / "hidrop_schedule.json").write_text(resolved(cfg).hidrop.to_json(indent=1) + "\n")
@@ -219,62 +206,16 @@ def save_hf(cfg, params, out_dir, tokenizer=None, *, max_shard_bytes: int = DEFA
             _write_processor(tmp, cfg, tokenizer, image_token)
         # config.json last: a directory with it is a complete model.
         (tmp / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
-        os.chmod(tmp, 0o777 & ~_umask())
-        _check_out_dir(out, overwrite)  # it may have appeared meanwhile
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            if old is not None:
-                os.rename(old, out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# ----------------------------------------------------------------------------- CLI
-
-def _size(s: str) -> int:
-    """'2GB', '500MB', '123' (bytes) -> bytes (powers of 1024)."""
-    s = s.strip().upper().removesuffix("B")
-    mult = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}.get(s[-1:], 1)
-    return int(float(s[:-1] if mult > 1 else s) * mult)
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("export-hf", help="checkpoint or training workdir -> HF LLaVA dir")
-    p.add_argument("ckpt_dir", help="an import-hf/save_checkpoint dir or a training workdir")
-    p.add_argument("out_dir")
-    p.add_argument("--tokenizer", help="a tokenizer directory (AutoTokenizer, offline) to save "
-                   "with a CLIP image processor and a LlavaProcessor")
-    p.add_argument("--max-shard-size", type=_size, default=DEFAULT_MAX_SHARD_BYTES,
-                   help="shard above this many bytes (e.g. 2GB, 500MB); default 2GB")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
-
-
-def run_cli(args) -> None:
-    from hidrop_jax.convert import load_checkpoint
-    tokenizer = None
-    tok_dir = args.tokenizer or (Path(args.ckpt_dir) / "tokenizer")  # a training run keeps its own
-    if args.tokenizer or Path(tok_dir).is_dir():
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-    _check_out_dir(Path(args.out_dir).absolute(), args.overwrite)  # fail before reading weights
-    cfg, params = load_checkpoint(args.ckpt_dir, check_shapes=False)
-    out = save_hf(cfg, params, args.out_dir, tokenizer, max_shard_bytes=args.max_shard_size,
-                  overwrite=args.overwrite)
-    from hidrop_jax.model import count_params
-    print(f"exported {count_params(params):,} parameters from {args.ckpt_dir} -> {out}")
+def save_hf_vision(out_dir, cfg, vision_params, *, metadata: dict | None = None) -> None:
+    """`params["vision"]` as a HF `CLIPVisionModel` directory, replacing any previous one."""
+    from safetensors.numpy import save_file
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        flat = _flat({"vision": vision_params})
+        tensors = {name[len("vision_tower."):]: _hf_tensor(flat, path, layer, kind)
+                   for name, (path, layer, kind) in expected_tensors(cfg).items() if path.startswith("vision/")}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", **(metadata or {})})
+        hf = {"architectures": ["CLIPVisionModel"], **vision_to_hf(cfg.model.vision), "torch_dtype": "float32"}
+        (tmp / "config.json").write_text(json.dumps(hf, indent=1) + "\n")

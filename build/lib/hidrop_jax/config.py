@@ -1,0 +1,300 @@
+"""Model configuration: one `ml_collections.ConfigDict` per model, validated early.
+
+`cfg.model` mirrors the Hugging Face LLaVA config (vision / text / projector) with our own field
+names; `cfg.hidrop` holds the HiDrop schedule: a preset name plus the fields that override it,
+resolved against the model by `schedule_of` (see `hidrop_jax.hidrop.schedule`). This module is
+the only reader of ConfigDicts: layers take small frozen dataclasses, the method a `Schedule`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+from hidrop_jax.hidrop.schedule import PRESETS, Schedule, preset
+from hidrop_jax.layers.common import INIT_STD
+
+VISION_ACTS = ("quick_gelu", "gelu")
+PROJECTOR_ACTS = ("gelu",)
+TEXT_ACTS = ("silu",)
+STRATEGIES = ("default", "full")
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "minimal", "full")
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+
+
+def model_config(
+    *,
+    vision: dict,
+    text: dict,
+    projector_act: str = "gelu",
+    projector_bias: bool = True,
+    image_token_id: int = 32000,
+    feature_layer: int = -2,
+    select_strategy: str = "default",
+    dtype: str = "float32",
+    remat: str = "none",
+    scan_unroll: bool = False,
+    attention_impl: str | None = None,
+) -> ml_collections.ConfigDict:
+    """Builds `cfg.model`. `vision`/`text` give the sizes; defaults follow LLaVA-1.5."""
+    v = dict(num_channels=3, layer_norm_eps=1e-5, hidden_act="quick_gelu")
+    v.update(vision)
+    t = dict(rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
+             tie_word_embeddings=False, max_position_embeddings=4096, initializer_range=INIT_STD)
+    t.update(text)
+    t.setdefault("num_kv_heads", t["num_heads"])
+    t.setdefault("head_dim", t["hidden_size"] // t["num_heads"])
+    m = ml_collections.ConfigDict(dict(
+        vision=v, text=t,
+        projector=dict(hidden_act=projector_act, bias=projector_bias),
+        image_token_id=image_token_id,
+        feature_layer=feature_layer,
+        select_strategy=select_strategy,
+        dtype=dtype,
+        remat=remat,
+        scan_unroll=scan_unroll,
+        # jax.nn.dot_product_attention's implementation: None = XLA picks (cuDNN on GPU when the
+        # shapes allow), "xla", or "cudnn" (fails loudly where unsupported). Typed so that
+        # --config.model.attention_impl=cudnn can override the None default.
+        attention_impl=ml_collections.FieldReference(attention_impl, field_type=str),
+    ))
+    validate_model(m)
+    return m
+
+
+def model_from_dict(m) -> ml_collections.ConfigDict:
+    """`cfg.model` rebuilt (validated, with typed fields) from a stored one, e.g. a config.json's."""
+    m = ml_collections.ConfigDict(dict(m))
+    return model_config(
+        vision=m.vision.to_dict(), text=m.text.to_dict(), projector_act=m.projector.hidden_act,
+        projector_bias=m.projector.bias, image_token_id=m.image_token_id,
+        feature_layer=m.feature_layer, select_strategy=m.select_strategy, dtype=m.dtype,
+        remat=m.remat, scan_unroll=m.scan_unroll, attention_impl=m.get("attention_impl"))
+
+
+# CLIP ViT-L/14-336, LLaVA-1.5's vision tower (576 tokens per image).
+CLIP_L14_336 = dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
+                    num_layers=24, num_heads=16, layer_norm_eps=1e-5, hidden_act="quick_gelu")
+
+
+def _fail(field: str, value, allowed: str):
+    raise ValueError(f"config field `{field}` = {value!r} is not supported; allowed: {allowed}")
+
+
+def validate_model(m: ml_collections.ConfigDict) -> None:
+    """Fails naming the field, the value and what is allowed."""
+    v, t = m.vision, m.text
+    if v.hidden_act not in VISION_ACTS:
+        _fail("model.vision.hidden_act", v.hidden_act, f"one of {VISION_ACTS}")
+    if t.hidden_act not in TEXT_ACTS:
+        _fail("model.text.hidden_act", t.hidden_act, f"one of {TEXT_ACTS}")
+    if m.projector.hidden_act not in PROJECTOR_ACTS:
+        _fail("model.projector.hidden_act", m.projector.hidden_act, f"one of {PROJECTOR_ACTS}")
+    if m.select_strategy not in STRATEGIES:
+        _fail("model.select_strategy", m.select_strategy, f"one of {STRATEGIES}")
+    if m.dtype not in DTYPES:
+        _fail("model.dtype", m.dtype, f"one of {DTYPES}")
+    if m.get("attention_impl") not in ATTENTION_IMPLS:
+        _fail("model.attention_impl", m.attention_impl, f"one of {ATTENTION_IMPLS}")
+    if m.remat not in REMAT_POLICIES:
+        _fail("model.remat", m.remat, f"one of {REMAT_POLICIES}")
+    fl = m.feature_layer
+    if not isinstance(fl, int) or not -v.num_layers - 1 <= fl <= v.num_layers or fl == 0:
+        _fail("model.feature_layer", fl,
+              f"a single int in [-{v.num_layers + 1}, {v.num_layers}] except 0 "
+              "(an index into CLIP's hidden states; lists of layers are not supported)")
+    if v.image_size % v.patch_size:
+        _fail("model.vision.image_size", v.image_size, f"a multiple of patch_size={v.patch_size}")
+    if t.num_heads % t.num_kv_heads:
+        _fail("model.text.num_kv_heads", t.num_kv_heads, f"a divisor of num_heads={t.num_heads}")
+    if v.hidden_size % v.num_heads:
+        _fail("model.vision.num_heads", v.num_heads, f"a divisor of hidden_size={v.hidden_size}")
+    if not initializer_range(t) > 0:
+        _fail("model.text.initializer_range", t.initializer_range, "a positive float (the std of "
+              "the LLM's and projector's weights at initialisation)")
+    if t.head_dim % 2:
+        _fail("model.text.head_dim", t.head_dim, "an even number (RoPE rotates pairs)")
+
+
+def initializer_range(text: ml_collections.ConfigDict) -> float:
+    """`model.text.initializer_range`; configs written before the field existed mean HF's 0.02."""
+    return text.get("initializer_range", INIT_STD)
+
+
+RUNTIME_FIELDS = ("dtype", "remat", "scan_unroll", "attention_impl")  # how to run, not what
+
+
+def architecture_diff(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> list:
+    """["model.FIELD: A != B", ...] where two `cfg.model`s describe different weights (runtime
+    settings and how the weights were initialised do not count)."""
+    def flat(m, prefix="model"):
+        out = {}
+        for k, v in m.items():
+            if k in RUNTIME_FIELDS or k == "initializer_range":
+                continue
+            if isinstance(v, (dict, ml_collections.ConfigDict)):
+                out.update(flat(v, f"{prefix}.{k}"))
+            else:
+                out[f"{prefix}.{k}"] = tuple(v) if isinstance(v, list) else v
+        return out
+    fa, fb = flat(a.to_dict()), flat(b.to_dict())
+    return [f"{k}: {fa.get(k)!r} != {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+def feature_layers_run(m: ml_collections.ConfigDict) -> int:
+    """How many CLIP encoder layers must run to produce `feature_layer`'s hidden state."""
+    fl = m.feature_layer
+    return fl if fl >= 0 else m.vision.num_layers + 1 + fl
+
+
+def n_vision_tokens(m: ml_collections.ConfigDict) -> int:
+    """Vision tokens per image fed to the LLM (CLS dropped for strategy `default`)."""
+    n = (m.vision.image_size // m.vision.patch_size) ** 2
+    return n if m.select_strategy == "default" else n + 1
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """`FILE[:ARGS]` -> `get_config(ARGS)` of that Python file, as `--config FILE:ARGS` does."""
+    path, _, arg = spec.partition(":")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    mod_spec = importlib.util.spec_from_file_location(f"_config_{Path(path).stem}", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.get_config(arg) if arg else mod.get_config()
+
+
+def parse_arg(arg: str, defaults: dict) -> ml_collections.ConfigDict:
+    """big_vision-style arg strings: "schedule=tok64,dtype=bfloat16" -> ConfigDict.
+
+    Only keys present in `defaults` are accepted; values are cast to the default's type.
+    """
+    out = dict(defaults)
+    for item in filter(None, (s.strip() for s in arg.split(","))):
+        key, sep, val = item.partition("=")
+        if key not in defaults:
+            raise ValueError(f"config arg `{key}` is unknown; allowed: {sorted(defaults)}")
+        d = defaults[key]
+        if not sep:
+            val = "True" if isinstance(d, bool) else val
+        if isinstance(d, bool):
+            if val not in ("True", "False", "true", "false", "1", "0"):
+                raise ValueError(f"config arg `{key}` = {val!r}; allowed: True/False")
+            out[key] = val in ("True", "true", "1")
+        else:
+            out[key] = type(d)(val) if d is not None else val
+    return ml_collections.ConfigDict(out)
+
+
+def make_config(model: ml_collections.ConfigDict, arg: str = "", **extra) -> ml_collections.ConfigDict:
+    """Full config from `cfg.model` and an arg string. Common args: schedule (a HiDrop preset),
+    selection, positions, dtype, remat, unroll (XLA sees every layer: for FLOPs counting)."""
+    a = parse_arg(arg, dict(schedule="vanilla", selection="hard", positions="persistent",
+                            dtype=model.dtype, remat=model.remat, unroll=False, **extra))
+    model.dtype, model.remat, model.scan_unroll = a.dtype, a.remat, a.unroll
+    validate_model(model)
+    cfg = ml_collections.ConfigDict(dict(model=model, arg=a, train=train_defaults(), data=data_defaults()))
+    cfg.hidrop = hidrop_defaults(a.schedule, selection=a.selection, positions=a.positions)
+    schedule_of(cfg)  # an unknown preset or a bad field fails now; overrides are checked again
+    return cfg
+
+
+# ----------------------------------------------------------------------------- the HiDrop schedule
+
+SCHEDULE_FIELDS = ("inject_layer", "prune_after", "keep", "exit_layer")
+
+
+def hidrop_defaults(name: str = "vanilla", *, selection: str = "hard", positions: str = "persistent",
+                    temperature: float = 0.1, **fields) -> ml_collections.ConfigDict:
+    """`cfg.hidrop`: preset `name` and the layout fields that override it.
+
+    A layout field left None means "the preset's value for this model"; `schedule_of` resolves it
+    when the schedule is used, i.e. after every `--config.` override, so a preset always fits the
+    model's final depth and token count (`--config.model.text.num_layers=6` rescales it).
+    `exit_layer` = num_layers means "no exit". Saved configs hold every field resolved (`resolved`).
+    """
+    if name not in PRESETS:
+        raise ValueError(f"hidrop schedule {name!r} is unknown; allowed: {PRESETS}")
+    bad = sorted(set(fields) - set(SCHEDULE_FIELDS))
+    if bad:
+        raise ValueError(f"hidrop field(s) {bad} unknown; allowed: {SCHEDULE_FIELDS}")
+    typed = dict(inject_layer=int, prune_after=tuple, keep=tuple, exit_layer=int)
+    return ml_collections.ConfigDict(dict(
+        name=name, selection=selection, positions=positions, temperature=temperature,
+        # typed, so that `--config.hidrop.keep='(100,10)'` can override the None default
+        **{k: ml_collections.FieldReference(fields.get(k), field_type=t) for k, t in typed.items()}))
+
+
+def schedule_of(cfg) -> Schedule:
+    """The validated `Schedule` of `cfg.hidrop` for `cfg.model`: the preset at this depth and
+    token count, with the explicitly set fields on top."""
+    h = cfg.hidrop
+    explicit = {k: h.get(k) for k in SCHEDULE_FIELDS if h.get(k) is not None}
+    return preset(h.get("name", "vanilla"), cfg.model.text.num_layers, n_vision_tokens(cfg.model),
+                  selection=h.get("selection", "hard"), positions=h.get("positions", "persistent"),
+                  temperature=h.get("temperature", 0.1), **explicit)
+
+
+def with_schedule(cfg, name: str, **fields):
+    """`cfg` (changed in place and returned) under preset `name` with `fields` on top; the
+    selection/positions/temperature settings stay unless given."""
+    h = cfg.get("hidrop") or {}
+    keep = {k: fields.pop(k, h.get(k, d)) for k, d in
+            (("selection", "hard"), ("positions", "persistent"), ("temperature", 0.1))}
+    cfg.hidrop = hidrop_defaults(name, **keep, **fields)
+    schedule_of(cfg)
+    return cfg
+
+
+def resolved(cfg) -> ml_collections.ConfigDict:
+    """A copy of `cfg` with every schedule field explicit (what a run or export records: it must
+    not change meaning if presets are retuned later)."""
+    s = schedule_of(cfg)
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    out.hidrop = hidrop_defaults(cfg.hidrop.get("name", "vanilla"), selection=s.selection,
+                                 positions=s.positions, temperature=s.temperature,
+                                 inject_layer=s.inject_layer, prune_after=s.prune_after,
+                                 keep=s.keep, exit_layer=s.exit)
+    return out
+
+
+def upgrade(cfg) -> ml_collections.ConfigDict:
+    """A config read from disk, brought to today's fields (in place; returned). Configs written
+    before presets were resolved lazily stored `exit_layer = None` for "no exit"."""
+    h = cfg.get("hidrop")
+    if h is not None:
+        if h.get("inject_layer") is not None and h.get("exit_layer") is None:
+            h.exit_layer = cfg.model.text.num_layers
+        if h.get("name") not in PRESETS:
+            h.name = "vanilla"  # every layout field is explicit: the base preset is irrelevant
+        for k, d in (("positions", "persistent"), ("temperature", 0.1)):
+            if k not in h:
+                h[k] = d
+    if "train" in cfg and "init_from" not in cfg.train:
+        cfg.train.init_from = ""
+    return cfg
+
+
+TRAINABLE = ("projector", "projector+llm", "all")
+
+
+def train_defaults() -> dict:
+    """`cfg.train`: LLaVA-1.5 stage-2 defaults; override with --config.train.FIELD=VALUE."""
+    return dict(
+        trainable="projector+llm",  # stage 1: "projector"; stage 2: "projector+llm"; "all"
+        init_from="",  # start from: an `import-hf` checkpoint, a training workdir or a HF LLaVA dir
+        init_vision="",  # a HF CLIP directory to start the vision tower from (LLaVA's --vision_tower)
+        steps=1000, batch_size=128, grad_accum=1, lr=2e-5, warmup_steps=30, end_lr_ratio=0.0,
+        weight_decay=0.0, b1=0.9, b2=0.999, clip=1.0, seed=0,
+        mesh=(-1, 1, 1),  # (data, fsdp, tensor); -1 = the remaining devices
+        log_every=10, eval_every=200, eval_batches=8, ckpt_every=200, keep_ckpts=3,
+        async_ckpt=True)
+
+
+def data_defaults() -> dict:
+    """`cfg.data`: dataset spec (see hidrop_jax.data.sources), template and static shapes."""
+    return dict(name="shapes_vqa", data_dir="", manual_dir="", tokenizer="", template="v1",
+                max_len=128, num_queries=4, eval_split="validation")
