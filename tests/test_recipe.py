@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shlex
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hf_tiny import make_hf_llava
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "launch" / "README.md"
@@ -60,14 +62,14 @@ def recipe_blocks(text: str | None = None) -> dict:
     return blocks
 
 
-def shrink(source: str) -> str:
-    """Appends SHRINK's overrides to the end of each command (continuation lines included)
-    that runs one of its programs."""
+def shrink(source: str, extra=()) -> str:
+    """Appends SHRINK's overrides (and `extra`) to the end of each command (continuation lines
+    included) that runs one of its programs."""
     out, pending = [], None
     for line in source.splitlines():
-        for prog, extra in SHRINK.items():
+        for prog, more in SHRINK.items():
             if re.search(re.escape(prog) + r"(\s|$)", line):
-                pending = extra
+                pending = (*more, *extra)
         if pending is not None and not line.rstrip().endswith("\\"):
             line = line.rstrip() + " " + " ".join(shlex.quote(x) for x in pending)
             pending = None
@@ -75,12 +77,14 @@ def shrink(source: str) -> str:
     return "\n".join(out)
 
 
-def run_block(name: str, env: dict, timings: dict, *, check: bool = True, timeout: int = 900):
-    script = "set -euo pipefail\n" + shrink(recipe_blocks()[name])
+def run_block(name: str, env: dict, timings: dict, *, extra=(), label=None, check: bool = True,
+              timeout: int = 900):
+    """Runs block `name` (shrunk) in bash; `extra` is appended after SHRINK's overrides."""
+    script = "set -euo pipefail\n" + shrink(recipe_blocks()[name], extra)
     t0 = time.time()
     p = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=timeout)
-    timings[name] = time.time() - t0
+    timings[label or name] = time.time() - t0
     if check:
         assert p.returncode == 0, f"recipe block {name!r} failed:\n{script}\n{p.stdout[-4000:]}\n{p.stderr[-8000:]}"
     return p
@@ -94,6 +98,17 @@ def test_readme_blocks_parse_and_shrink():
     s = shrink('X=(--a\n  --b)\npython -m hidrop_jax.train "${X[@]}" \\\n    --workdir w\necho done')
     assert s.splitlines()[3] == "    --workdir w " + " ".join(SHRINK["-m hidrop_jax.train"])
     assert s.splitlines()[4] == "echo done"
+
+
+def test_readme_blocks_are_shellcheck_clean(tmp_path):
+    """Users paste these blocks: quoted paths, arrays that survive spaces."""
+    import shutil
+    if shutil.which("shellcheck") is None:  # CI installs it (see tests/test_launch.py)
+        pytest.skip("shellcheck is not installed")
+    script = tmp_path / "recipe.sh"
+    script.write_text("#!/usr/bin/env bash\n" + "\n".join(recipe_blocks().values()) + "\n")
+    p = subprocess.run(["shellcheck", "--shell=bash", str(script)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
 
 
 def test_last_config_override_wins():
@@ -161,7 +176,8 @@ def make_clip(out: Path, *, seed: int = 0, **vision):
     CLIPModel(CLIPConfig(
         vision_config={**VISION, **vision},
         text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, vocab_size=50, max_position_embeddings=16),
+                         num_attention_heads=2, vocab_size=50, max_position_embeddings=16,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2),
         projection_dim=8)).save_pretrained(out)
 
 
@@ -274,10 +290,10 @@ def _max_diff(a: dict, b: dict, part: str) -> float:
 
 @pytest.mark.slow
 def test_recipe(tmp_path):
+    from hidrop_jax.checkpoint import load_checkpoint, load_run
     from hidrop_jax.config import schedule_of
-    from hidrop_jax.convert import load_checkpoint, load_hf
+    from hidrop_jax.convert import load_hf
     from hidrop_jax.data.sources import load_source, make_builder
-    from hidrop_jax.evaluate import load_run
 
     env, timings = _env(tmp_path), {}
     models, data, runs = (Path(env[k]) for k in ("MODELS", "DATA", "RUNS"))
@@ -336,6 +352,15 @@ def test_recipe(tmp_path):
     # ~lr): its projector is stage 1's, not the import's (which is `moved1` away).
     assert _max_diff(p2, p1, "projector") <= 4e-5 < moved1 / 10
 
+    # init_from of another architecture: the stage-2 command stops, naming the fields
+    other = tmp_path / "other-llava-hf"
+    make_hf_llava(other)
+    p = run_block("stage2", env, timings, check=False, label="stage2 (init_from: another architecture)",
+                  extra=("--workdir", str(runs / "bad"), f"--config.train.init_from={other}"))
+    assert p.returncode == 2 and not list((runs / "bad").glob("checkpoints/[0-9]*"))
+    assert re.search(r"train.init_from=.*other-llava-hf.* has another architecture .*"
+                     r"model\.text\.num_layers: 4 != 8", p.stderr), p.stderr[-3000:]
+
     # §7 evaluate + generate
     p = run_block("evaluate", env, timings)
     res = json.loads((runs / "s2" / "eval_validation.json").read_text())
@@ -353,9 +378,10 @@ def test_recipe(tmp_path):
         assert _max_diff(p_e, p2, part) == 0.0, part
     _check_hf_logits(out, cfg_e, p_e)
 
-    total = sum(timings.values())
-    print("\nrecipe timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
-          + f"; total {total:.1f}")
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print("\nrecipe wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
+          + f"; total {time.time() - t0:.1f} (subprocesses' CPU: user {cpu.ru_utime:.1f}, "
+          f"system {cpu.ru_stime:.1f})")
 
 
 def _check_hf_logits(out: Path, cfg, params):
@@ -408,14 +434,14 @@ def test_assemble_names_a_vicuna_without_tokenizer(tmp_path):
 
 def test_clip_of_another_image_size_is_named(tmp_path):
     """`train.init_vision` (LLaVA's --vision_tower) checks the tower against the model config."""
-    from hidrop_jax.convert import load_hf_vision
+    from hidrop_jax.convert import load_hf
+    from hidrop_jax.hf.load import load_hf_vision
     from hidrop_jax.model import abstract_params
     make_vicuna(tmp_path / "vicuna")
     make_clip(tmp_path / "clip")
     make_clip(tmp_path / "clip84", image_size=84)
     _assemble().main(["--llm", str(tmp_path / "vicuna"), "--vision", str(tmp_path / "clip"),
                       "--out", str(tmp_path / "llava")])
-    from hidrop_jax.convert import load_hf
     cfg, _ = load_hf(tmp_path / "llava")
     with pytest.raises(ValueError, match=r"clip84 is not this model's vision tower: its image_size = 84 \(config: 56\)"):
         load_hf_vision(cfg, tmp_path / "clip84")

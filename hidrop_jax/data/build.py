@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 
+from hidrop_jax import cli
+from hidrop_jax.data.sources import make_builder, prepare
+
 
 def summary(builder) -> str:
     info = builder.info
@@ -28,7 +31,6 @@ def summary(builder) -> str:
 
 
 def main(argv=None):
-    from hidrop_jax.data.sources import make_builder, prepare
     ap = argparse.ArgumentParser(prog="python -m hidrop_jax.data.build", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("spec", help="dataset spec, as --config.data.name")
@@ -41,4 +43,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
