@@ -23,6 +23,11 @@ class Inputs(NamedTuple):
     pixels: Optional[jax.Array] = None       # [B, H, W, C] float; None = text-only batch
     query_idx: Optional[jax.Array] = None    # [B, Q] int32 text-stream rows scoring the cuts
     query_valid: Optional[jax.Array] = None  # [B, Q] bool; None = last valid prompt token
+    # Rotation, where it differs from the order above (M-RoPE, see hidrop_jax.families): rows
+    # (t, h, w) of the text stream [3, B, T] and of the n_vision slots [3, B, N]. None (LLaVA):
+    # tokens rotate by their order. A kept vision token keeps its own rotary position.
+    text_rope: Optional[jax.Array] = None
+    vision_rope: Optional[jax.Array] = None
 
 
 class Targets(NamedTuple):

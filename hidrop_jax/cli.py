@@ -29,11 +29,12 @@ def quiet(verbose: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(level)
     for name in ("absl", "orbax", "jax", "tensorflow_datasets", "grain", "etils"):
-        logging.getLogger(name).setLevel(level)
+        # their WARNINGs are about their own setup ("Using custom data configuration", ...)
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
     logging.getLogger("hidrop_jax").setLevel(logging.INFO)  # our few lines: resume, memory, preemption
     try:
         import absl.logging
-        absl.logging.set_verbosity(absl.logging.INFO if verbose else absl.logging.WARNING)
+        absl.logging.set_verbosity(absl.logging.INFO if verbose else absl.logging.ERROR)
     except ImportError:
         pass
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")

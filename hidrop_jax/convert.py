@@ -2,6 +2,7 @@
 
     python -m hidrop_jax.convert import-hf HF_DIR OUT_DIR [--overwrite]
     python -m hidrop_jax.convert export-hf RUN OUT_DIR [--step N] [--tokenizer DIR] [--overwrite]
+                                             [--no-hidrop-code]
 
 `import-hf` writes our checkpoint (`config.json` + orbax `params/`, and the HF directory's
 tokenizer under `tokenizer/`), which `train.init_from` and every command read. `export-hf` takes
@@ -44,12 +45,13 @@ def import_hf(hf_dir, out_dir, *, overwrite: bool = False) -> None:
 
 
 def export_hf(run_dir, out_dir, *, step=None, tokenizer=None, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES,
-              overwrite: bool = False) -> None:
+              overwrite: bool = False, hidrop_code: bool = True) -> None:
     check_out_dir(Path(out_dir).absolute(), overwrite)  # fail before reading weights
     run = open_run(run_dir, step=step, check_shapes=False)
     tok_dir = find_tokenizer(run_dir, run.cfg, explicit=tokenizer)
     tok = load_tokenizer(str(tok_dir)) if tok_dir is not None else None
-    out = save_hf(run.cfg, run.params, out_dir, tok, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    out = save_hf(run.cfg, run.params, out_dir, tok, max_shard_bytes=max_shard_bytes,
+                  overwrite=overwrite, hidrop_code=hidrop_code)
     at = f" (step {run.step})" if run.step is not None else ""
     print(f"exported {count_params(run.params):,} parameters from {run_dir}{at} -> {out}")
 
@@ -71,12 +73,16 @@ def main(argv=None):
     exp.add_argument("--max-shard-size", type=_size, default=DEFAULT_MAX_SHARD_BYTES,
                      help="shard above this many bytes (e.g. 2GB, 500MB); default 2GB")
     exp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    exp.add_argument("--no-hidrop-code", dest="hidrop_code", action="store_false",
+                     help="leave out the HiDrop modeling file and auto_map (the export then runs "
+                     "as vanilla LLaVA in PyTorch)")
     args = ap.parse_args(argv)
     if args.cmd == "import-hf":
         import_hf(args.hf_dir, args.out_dir, overwrite=args.overwrite)
     else:
         export_hf(args.ckpt_dir, args.out_dir, step=args.step, tokenizer=args.tokenizer,
-                  max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
+                  max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
+                  hidrop_code=args.hidrop_code)
 
 
 if __name__ == "__main__":

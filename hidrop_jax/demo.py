@@ -4,7 +4,8 @@
 2. train the tiny LLaVA (`configs/tiny_shapes.py`, 144 vision tokens) with HiDrop: LLaVA's stage
    2, from the CLIP tower pretrained on the dataset (`assets/tiny_shapes_clip`, kept frozen);
 3. evaluate on the validation split under HiDrop and under `vanilla` (all tokens everywhere);
-4. export to Hugging Face format and evaluate the export with PyTorch (vanilla: HF has no pruning).
+4. export to Hugging Face format and evaluate the export with PyTorch, vanilla (plain HF LLaVA)
+   and under the trained schedule (the export's HiDrop modeling code, `trust_remote_code`).
 
     python -m hidrop_jax.demo [--workdir runs/demo] [--steps 2500] [--schedule tok64] [--from-scratch]
 
@@ -89,15 +90,19 @@ def main(argv=None):
     hf_dir = work / "hf"
     save_hf(cfg, jax.device_get(params), hf_dir, tokenizer=tok, overwrite=True)
     report["torch_vanilla"] = evaluate_torch(hf_dir, eval_src, tok, spec, max_batches=nb)
+    report["torch_hidrop"] = evaluate_torch(hf_dir, eval_src, tok, spec, max_batches=nb, hidrop=True)
     report["total_seconds"] = round(time.time() - t0, 1)
     (work / "demo_report.json").write_text(json.dumps(report, indent=1))
 
     print(f"\nValidation accuracy after {step} steps (teacher-forced answers, {results['vanilla']['rounds']} rounds):")
     types = sorted(results["vanilla"]["per_type"])
     print(f"{'':24s} {'overall':>8s} " + " ".join(f"{t:>9s}" for t in types) + "  vision tok/layer")
-    rows = [(f"JAX {n}", results[n]) for n in results] + [("PyTorch export, vanilla", report["torch_vanilla"])]
+    rows = [(f"JAX {n}", results[n]) for n in results] + [
+        ("PyTorch export, vanilla", report["torch_vanilla"]),
+        (f"PyTorch export, {a.schedule}", report["torch_hidrop"])]
     for label, r in rows:
-        mean = r.get("mean_vision_tokens", results["vanilla"]["mean_vision_tokens"])
+        mean = r.get("mean_vision_tokens", results[a.schedule if label.endswith(a.schedule) else
+                                                    "vanilla"]["mean_vision_tokens"])
         print(f"{label:24s} {r['accuracy']:8.3f} "
               + " ".join(f"{r['per_type'].get(t, {}).get('accuracy', float('nan')):9.3f}" for t in types)
               + f"  {mean:6.1f}")

@@ -59,9 +59,10 @@ from hidrop_jax.layers.llama import Embedder
 from hidrop_jax.layers.rope import rope_tables
 from hidrop_jax.batch import Inputs, last_prompt_row
 from hidrop_jax.checkpoint import find_tokenizer, open_run
-from hidrop_jax.hf.inputs import hf_to_inputs
+from hidrop_jax.families import family_name
+from hidrop_jax.hf.inputs import hf_to_inputs, qwen_hf_to_inputs
 from hidrop_jax.model import (StageKV, stage_positions, decode_layers, forward_hidden, lm_logits,
-                              text_dims)
+                              rope_for, text_dims)
 from hidrop_jax.data import templates
 from hidrop_jax.data.image import preprocess
 
@@ -73,6 +74,18 @@ class State(NamedTuple):
     offset: tuple     # per segment, [B] int32: full-sequence position − the stage's position of
                       # a new token (0 unless positions='compacted', which renumbers)
     next_pos: jax.Array  # [B] int32 full-sequence position of the next token fed
+    rope_delta: Optional[jax.Array] = None  # [B] M-RoPE: a new token rotates by next_pos + delta
+                                            # on all rows (HF's rope_deltas); None: by next_pos
+
+
+def rope_delta(inputs: Inputs, next_pos):
+    """[B] (largest rotary position of the prompt + 1) − next_pos, or None without M-RoPE."""
+    if inputs.text_rope is None:
+        return None
+    top = jnp.max(jnp.where(inputs.text_valid[None], inputs.text_rope, -1), axis=(0, 2))
+    vis = jnp.max(inputs.vision_rope, axis=(0, 2))
+    top = jnp.maximum(top, jnp.where(inputs.has_image, vis, -1))
+    return (top + 1 - next_pos).astype(jnp.int32)
 
 
 def next_position(inputs: Inputs, n_vision: int):
@@ -109,7 +122,8 @@ def prefill(cfg, params, inputs: Inputs, max_new_tokens: int):
         stage_pos = stage_positions(s, inputs._replace(text_pos=next_pos[:, None]), dummy_idx,
                                dummy_alive, n_s)[0][:, 0]
         offset.append(next_pos - stage_pos)
-    return logits, State(tuple(caches), tuple(write), tuple(offset), next_pos), aux["kept"]
+    return (logits, State(tuple(caches), tuple(write), tuple(offset), next_pos,
+                          rope_delta(inputs, next_pos)), aux["kept"])
 
 
 def decode_step(cfg, params, state: State, tokens):
@@ -126,12 +140,16 @@ def decode_step(cfg, params, state: State, tokens):
         pos = (state.next_pos - off)[:, None]
         k_pos = lax.dynamic_update_slice_in_dim(c.pos, pos.astype(c.pos.dtype), w, axis=1)
         k_valid = lax.dynamic_update_slice_in_dim(c.valid, jnp.ones_like(pos, bool), w, axis=1)
-        rope = rope_tables(pos, td.head_dim, td.rope_theta)
+        if state.rope_delta is None:
+            rope = rope_tables(pos, td.head_dim, td.rope_theta)
+        else:
+            rot = (state.next_pos + state.rope_delta)[:, None]
+            rope = rope_for(m, jnp.broadcast_to(rot, (3,) + rot.shape))
         x, (k, v) = decode_layers(m, layers, a, stop, x, rope, pos, (c.k, c.v), k_pos, k_valid, w)
         caches.append(StageKV(k, v, k_pos, k_valid))
     logits = lm_logits(m, params["text"], x)[:, 0]
     return logits, State(tuple(caches), tuple(w + 1 for w in state.write), state.offset,
-                         state.next_pos + 1)
+                         state.next_pos + 1, state.rope_delta)
 
 
 def sample_token(logits, key, temperature, top_p):
@@ -202,7 +220,7 @@ def check_inputs(cfg, inputs: Inputs, max_new_tokens: int) -> None:
     pos = np.asarray(inputs.text_pos)
     has_image = np.asarray(inputs.has_image)
     slot = np.asarray(inputs.image_slot)
-    if inputs.pixels is not None:
+    if inputs.pixels is not None and inputs.text_rope is None:  # LLaVA's NHWC images
         want = (m.vision.image_size, m.vision.image_size, m.vision.num_channels)
         if tuple(inputs.pixels.shape[1:]) != want:
             raise ValueError(f"inputs.pixels has shape {tuple(inputs.pixels.shape)}; expected "
@@ -261,7 +279,14 @@ def generate(cfg, params, inputs: Inputs, *, max_new_tokens: int, eos_id: Option
 def generate_hf(cfg, params, input_ids, pixel_values=None, attention_mask=None, **kw) -> dict:
     """`generate` for HF-style inputs (image token expanded n_vision times, left or right
     padded; see `hf.inputs.hf_to_inputs`)."""
-    inputs, _ = hf_to_inputs(cfg.model, input_ids, pixel_values, attention_mask)
+    if family_name(cfg.model) == "llava":
+        inputs, _ = hf_to_inputs(cfg.model, input_ids, pixel_values, attention_mask)
+        return generate(cfg, params, inputs, **kw)
+    proc = {k: kw.pop(k) for k in ("image_grid_thw", "mm_token_type_ids") if k in kw}
+    inputs, _, m = qwen_hf_to_inputs(cfg.model, input_ids, pixel_values, attention_mask, **proc)
+    if m is not cfg.model:  # the batch's grid
+        cfg = cfg.copy_and_resolve_references()
+        cfg.model = m
     return generate(cfg, params, inputs, **kw)
 
 

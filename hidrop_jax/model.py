@@ -21,13 +21,15 @@ import numpy as np
 
 from hidrop_jax.batch import Inputs, last_prompt_row
 from hidrop_jax.config import feature_layers_run, initializer_range, schedule_of
+from hidrop_jax.families import family_name
+from hidrop_jax.families import qwen2_5_vl as qwen
 from hidrop_jax.hidrop.select import score_vision, select
 from hidrop_jax.layers.clip import VisionDims, init_vision, vision_hidden_state
 from hidrop_jax.layers.common import dense, slice_layers, stacked
 from hidrop_jax.layers.llama import DecoderLayer, Embedder, RMSNorm, TextDims
 from hidrop_jax.layers.projector import Projector
-from hidrop_jax.hf.inputs import hf_to_inputs
-from hidrop_jax.layers.rope import rope_tables
+from hidrop_jax.hf.inputs import hf_to_inputs, qwen_hf_to_inputs
+from hidrop_jax.layers.rope import mrope_tables, rope_tables
 
 
 def _dtype(m):
@@ -38,7 +40,15 @@ def text_dims(m) -> TextDims:
     t = m.text
     return TextDims(t.vocab_size, t.hidden_size, t.intermediate_size, t.num_heads, t.num_kv_heads,
                     t.head_dim, t.rms_norm_eps, t.rope_theta, _dtype(m), m.get("attention_impl"),
-                    initializer_range(t))
+                    initializer_range(t), t.get("qkv_bias", False))
+
+
+def rope_for(m, positions):
+    """cos/sin tables for rotary positions: [B, S] (1-D RoPE) or [3, B, S] (M-RoPE rows t, h, w)."""
+    t = m.text
+    if positions.ndim == 3:
+        return mrope_tables(positions, t.head_dim, t.rope_theta, tuple(t.mrope_section))
+    return rope_tables(positions, t.head_dim, t.rope_theta)
 
 
 def vision_dims(m) -> VisionDims:
@@ -52,7 +62,8 @@ def vision_dims(m) -> VisionDims:
 
 def _init_boxed(cfg, rng):
     m = cfg.model
-    td, vd = text_dims(m), vision_dims(m)
+    td = text_dims(m)
+    vd = vision_dims(m) if family_name(m) == "llava" else None
     r = jax.random.split(rng, 6)
     x = jnp.zeros((1, 1, td.hidden_size), jnp.float32)
     pos = jnp.zeros((1, 1), jnp.int32)
@@ -67,6 +78,8 @@ def _init_boxed(cfg, rng):
     if not m.text.tie_word_embeddings:
         text["lm_head"] = dense(td.vocab_size, ("embed", "vocab"), use_bias=False, dtype=jnp.float32,
                                 name="lm_head", init_std=td.init_std).init(r[3], x)["params"]
+    if family_name(m) != "llava":
+        return {**qwen.init_vision(m, r[4]), "text": text}
     return {
         "vision": init_vision(vd, r[4]),
         "projector": Projector(td.hidden_size, m.projector.bias, init_std=td.init_std).init(
@@ -99,7 +112,10 @@ def count_params(tree) -> int:
 
 def encode_image(m, params, pixels):
     """pixels [B, H, W, C] -> projected vision tokens [B, n_vision, D_text]. Depends on nothing
-    textual, so XLA may run it beside the text-only layers ("parallel decoupling")."""
+    textual, so XLA may run it beside the text-only layers ("parallel decoupling"). Other
+    families take their own pixel layout (Qwen2.5-VL: flattened patches [B, S, C·T·P·P])."""
+    if family_name(m) != "llava":
+        return qwen.encode_image(m, params, pixels)
     h = vision_hidden_state(vision_dims(m), params["vision"], pixels, feature_layers_run(m),
                             remat=m.remat, unroll=m.scan_unroll)
     if m.select_strategy == "default":
@@ -168,6 +184,17 @@ def stage_positions(s, inputs: Inputs, vis_idx, alive, n_tokens: int):
     return text_pos, slot + rank
 
 
+def stage_rope(s, inputs: Inputs, vis_idx, text_pos, vis_pos):
+    """Rotary positions of a stage's text and vision rows: the order itself (LLaVA), or the
+    family's own positions (M-RoPE [3, B, ·]) with each kept vision token keeping its own."""
+    if inputs.text_rope is None:
+        return text_pos, vis_pos
+    if s.positions != "persistent":
+        raise ValueError(f"hidrop.positions = {s.positions!r} is not defined for M-RoPE models "
+                         "(a 2-D grid has no contiguous renumbering); allowed: 'persistent'")
+    return inputs.text_rope, jnp.take_along_axis(inputs.vision_rope, vis_idx[None], axis=2)
+
+
 # ----------------------------------------------------------------------------- forward
 
 class StageKV(NamedTuple):
@@ -228,12 +255,14 @@ def forward_hidden(cfg, params, inputs: Inputs, *, vision=None, collect_kv: bool
         if in_stream and a == s.exit:
             x, in_stream = x[:, :T], False
         text_pos, vis_pos = stage_positions(s, inputs, vis_idx, alive, n_tokens if in_stream else 0)
+        text_rot, vis_rot = stage_rope(s, inputs, vis_idx, text_pos, vis_pos)
         if in_stream:
             pos = jnp.concatenate([text_pos, vis_pos], axis=1)
+            rot = jnp.concatenate([text_rot, vis_rot], axis=-1)
             valid = jnp.concatenate([inputs.text_valid, alive], axis=1)
         else:
-            pos, valid = text_pos, inputs.text_valid
-        rope = rope_tables(pos, td.head_dim, td.rope_theta)
+            pos, rot, valid = text_pos, text_rot, inputs.text_valid
+        rope = rope_for(m, rot)
         kv = []
 
         def run(x, start, stop, raw=None):
@@ -282,9 +311,20 @@ def _jitted_forward(cfg_json: str):
     return jax.jit(lambda p, x: forward(cfg, p, x))
 
 
-def forward_hf(cfg, params, input_ids, pixel_values=None, attention_mask=None):
+def forward_hf(cfg, params, input_ids, pixel_values=None, attention_mask=None, **processor_outputs):
     """Float32 logits [B, L − n_image_tokens, V] for the non-image positions of `input_ids`, in
     order (pads included, so they align with the input), under `cfg.hidrop` in inference mode
-    (query row = last non-padding token). See `hf.inputs.hf_to_inputs` for accepted layouts."""
-    inputs, _ = hf_to_inputs(cfg.model, input_ids, pixel_values, attention_mask)
+    (query row = last non-padding token). See `hf.inputs.hf_to_inputs` for accepted layouts; Qwen2.5-VL
+    also takes the processor's `image_grid_thw` and `mm_token_type_ids`
+    (`families.qwen2_5_vl.hf_to_inputs`), and its image grid sets the compiled shape."""
+    if family_name(cfg.model) == "llava":
+        if processor_outputs:
+            raise TypeError(f"forward_hf for LLaVA takes no {sorted(processor_outputs)}")
+        inputs, _ = hf_to_inputs(cfg.model, input_ids, pixel_values, attention_mask)
+    else:
+        inputs, _, m = qwen_hf_to_inputs(cfg.model, input_ids, pixel_values, attention_mask,
+                                            **processor_outputs)
+        if m is not cfg.model:  # another grid: another static shape
+            cfg = cfg.copy_and_resolve_references()
+            cfg.model = m
     return _jitted_forward(cfg.to_json())(params, inputs)

@@ -14,11 +14,13 @@ PKG = ROOT / "hidrop_jax"
 ORDER = [
     # foundations: layers know nothing of HiDrop; the method knows nothing of models or data
     ("hidrop_jax.layers", "hidrop_jax.hidrop", "hidrop_jax.atomic", "hidrop_jax.cli",
+     "hidrop_jax.hf.modeling_hidrop_llava",  # copied into exports: torch and transformers only
      "hidrop_jax.data.features", "hidrop_jax.data.local_builder", "hidrop_jax.data.image",
      "hidrop_jax.data.templates"),
-    ("hidrop_jax.config", "hidrop_jax.batch", "hidrop_jax.checks", "hidrop_jax.metrics", "hidrop_jax.data.shapes",
+    ("hidrop_jax.families", "hidrop_jax.config", "hidrop_jax.batch", "hidrop_jax.checks", "hidrop_jax.metrics", "hidrop_jax.data.shapes",
      "hidrop_jax.data.tokenizer"),
-    ("hidrop_jax.hf.mapping", "hidrop_jax.hf.inputs", "hidrop_jax.data.pipeline",
+    ("hidrop_jax.hf.mapping", "hidrop_jax.hf.qwen_mapping", "hidrop_jax.hf.inputs",
+     "hidrop_jax.hf.remote_code", "hidrop_jax.data.pipeline",
      "hidrop_jax.data.shapes_vqa", "hidrop_jax.data.llava_json", "hidrop_jax.data.sources"),
     ("hidrop_jax.model",),
     ("hidrop_jax.sharding", "hidrop_jax.hf.load", "hidrop_jax.hf.save", "hidrop_jax.hf.torch_eval",

@@ -1,4 +1,5 @@
-"""Hugging Face-style batches <-> our native `Inputs` (image tokens expanded in `input_ids`).
+"""Hugging Face-style batches <-> our native `Inputs` (image tokens expanded in `input_ids`), for
+LLaVA (`hf_to_inputs`) and Qwen2.5-VL (`qwen_hf_to_inputs`, M-RoPE rows in `Inputs.text_rope`).
 
 `hf_to_inputs` is what `model.forward_hf` and `generate.generate_hf` accept; `expand_image_tokens`
 is its inverse, used to run the same batch through PyTorch.
@@ -12,6 +13,7 @@ import numpy as np
 from hidrop_jax.batch import Inputs
 from hidrop_jax.checks import check_hf_batch
 from hidrop_jax.config import n_vision_tokens
+from hidrop_jax.families import qwen2_5_vl as qwen
 
 
 def hf_to_inputs(m, input_ids, pixel_values=None, attention_mask=None) -> tuple[Inputs, np.ndarray]:
@@ -24,6 +26,16 @@ def hf_to_inputs(m, input_ids, pixel_values=None, attention_mask=None) -> tuple[
     vocabulary, pixels without image tokens, ragged rows, ...) fails first: `checks.check_hf_batch`.
     """
     ids, mask, pixel_values = check_hf_batch(m, input_ids, pixel_values, attention_mask)
+    inputs, slots = hf_text_stream(m, ids, mask)
+    if bool(np.asarray(inputs.has_image).any()):
+        inputs = inputs._replace(pixels=_pixels_nhwc(m, pixel_values, np.asarray(inputs.has_image)))
+    return inputs, slots
+
+
+def hf_text_stream(m, ids, mask) -> tuple[Inputs, np.ndarray]:
+    """The family-independent part of the adapter: the text stream, its order positions
+    (cumsum(attention_mask) − 1) and the image slot, from [B, L] ids and a bool mask; no pixels."""
+    ids, mask = np.asarray(ids), np.asarray(mask).astype(bool)
     bsz, length = ids.shape
     n = n_vision_tokens(m)
     is_img = (ids == m.image_token_id) & mask
@@ -57,7 +69,6 @@ def hf_to_inputs(m, input_ids, pixel_values=None, attention_mask=None) -> tuple[
         text_valid=jnp.asarray(np.take_along_axis(mask, slots, 1)),
         image_slot=jnp.asarray(pos_full[np.arange(bsz), first_img], jnp.int32),
         has_image=jnp.asarray(counts > 0),
-        pixels=None if n_img == 0 else _pixels_nhwc(m, pixel_values, counts > 0),
     )
     return inputs, slots
 
@@ -98,3 +109,52 @@ def expand_image_tokens(batch: dict, image_token_id: int, n_vision: int):
         out_ids[i, c], mask[i, c], cols[i] = ids[i], valid[i], c
         out_ids[i, slot[i]:slot[i] + n], mask[i, slot[i]:slot[i] + n] = image_token_id, 1
     return out_ids, mask, cols
+
+
+def qwen_hf_to_inputs(m, input_ids, pixel_values=None, attention_mask=None, *, image_grid_thw=None,
+                 mm_token_type_ids=None):
+    """HF Qwen2.5-VL batch -> (`Inputs`, index of each text slot in `input_ids` [B, T],
+    `m` for the batch's grid: the compiled shape follows it).
+
+    `pixel_values` [Σ patches, C·T·P·P] and `image_grid_thw` [n_images, 3] as the processor gives
+    them (one image per sample that has image tokens, all of one grid). `mm_token_type_ids`
+    (1 at image tokens) is checked against `input_ids` when given; videos are not supported.
+    """
+    ids = np.asarray(input_ids)
+    mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    is_img = (ids == m.image_token_id) & mask
+    if mm_token_type_ids is not None:
+        tt = np.asarray(mm_token_type_ids)
+        if tt.shape != ids.shape:
+            raise ValueError(f"mm_token_type_ids shape {tt.shape} != input_ids shape {ids.shape}")
+        if ((tt == 2) & mask).any():
+            raise ValueError("mm_token_type_ids has video tokens (2); only images are supported")
+        if not np.array_equal((tt == 1) & mask, is_img):
+            raise ValueError("mm_token_type_ids (1 = image) disagrees with the image tokens "
+                             f"(id {m.image_token_id}) of input_ids")
+    if is_img.any():
+        if image_grid_thw is None or pixel_values is None:
+            raise ValueError("input_ids contain image tokens but pixel_values or image_grid_thw is None")
+        m = qwen.with_grid(m, image_grid_thw)
+    base, slots = hf_text_stream(m, ids, mask)
+    pos3 = qwen.rope_index(m, ids, mask, is_img)
+    text_rope = np.take_along_axis(pos3, slots[None], axis=2)
+    has = is_img.any(1)
+    n = qwen.n_vision_tokens(m)
+    vis_rope = np.zeros((3, len(ids), n), np.int64)
+    pixels = None
+    if has.any():
+        for i in np.flatnonzero(has):
+            vis_rope[:, i] = pos3[:, i, is_img[i]]
+        d = qwen.vision_dims(m)
+        px = np.asarray(pixel_values, np.float32)
+        n_img = int(has.sum())
+        if px.shape != (n_img * d.num_patches, d.patch_dim):
+            raise ValueError(f"pixel_values has shape {px.shape}; expected ({n_img} images × "
+                             f"{d.num_patches} patches, {d.patch_dim}) for grid {d.grid_h}×{d.grid_w}")
+        full = np.zeros((len(ids), d.num_patches, d.patch_dim), np.float32)
+        full[has] = px.reshape(n_img, d.num_patches, d.patch_dim)
+        pixels = jnp.asarray(full)
+    inputs = base._replace(pixels=pixels, text_rope=jnp.asarray(text_rope, jnp.int32),
+                           vision_rope=jnp.asarray(vis_rope, jnp.int32))
+    return inputs, slots, m

@@ -14,8 +14,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from hidrop_jax.hf.mapping import (_V, canonical_name, config_from_hf, expected_tensors, to_hf,
-                                   to_ours, vision_from_hf)
+from hidrop_jax.families import family_name
+from hidrop_jax.hf import mapping, qwen_mapping
+from hidrop_jax.hf.mapping import _V, config_from_hf, vision_from_hf
 from hidrop_jax.model import abstract_params
 
 
@@ -75,12 +76,13 @@ def params_from_tensors(cfg, tensors, *, group: str | None = None,
     """Maps (name, array) pairs to our parameter tree; every problem is named in one error.
     With `group` ('vision', ...) only that part of the model is expected; names for which
     `ignore` (of the canonical name) is true are skipped."""
-    want = {n: w for n, w in expected_tensors(cfg).items() if group is None or w[0].startswith(group + "/")}
+    mp = family_mapping(cfg)
+    want = {n: w for n, w in mp.expected_tensors(cfg).items() if group is None or w[0].startswith(group + "/")}
     shapes = {"/".join(str(k.key) for k in path): leaf.shape
               for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]}
     seen, errors, stacks, params = set(), [], {}, {}
     for raw, arr in tensors:
-        name = canonical_name(raw)
+        name = mp.canonical_name(raw)
         if name not in want:
             if ignore(name):
                 continue
@@ -88,10 +90,10 @@ def params_from_tensors(cfg, tensors, *, group: str | None = None,
             continue
         path, layer, kind = want[name]
         seen.add(name)
-        value = to_ours(kind, arr)
+        value = mp.to_ours(kind, arr)
         target = shapes[path][1:] if layer is not None else shapes[path]
         if value.shape != tuple(target):
-            hf_shape = tuple(to_hf(kind, np.empty(target, np.int8)).shape)
+            hf_shape = tuple(mp.to_hf(kind, np.empty(target, np.int8)).shape)
             errors.append(f"tensor {raw!r} has shape {tuple(arr.shape)}, expected {hf_shape}")
             continue
         if layer is None:
@@ -106,13 +108,21 @@ def params_from_tensors(cfg, tensors, *, group: str | None = None,
     return params
 
 
-def load_hf(hf_dir) -> tuple[ml_collections.ConfigDict, dict]:
-    """(cfg, params) from a HF LLaVA directory (config.json + safetensors, sharded or not)."""
+def family_mapping(cfg):
+    """The mapping module of `cfg`'s model family: `hf.mapping` (LLaVA) or `hf.qwen_mapping`."""
+    return qwen_mapping if family_name(cfg.model) == "qwen2_5_vl" else mapping
+
+
+def load_hf(hf_dir, **kw) -> tuple[ml_collections.ConfigDict, dict]:
+    """(cfg, params) from a HF LLaVA or Qwen2.5-VL directory (config.json + safetensors, sharded
+    or not); the family comes from config.json's `model_type` (Qwen: `kw` = image_size, the
+    fixed grid, default 672×672)."""
     hf_dir = Path(hf_dir)
     cfg_file = hf_dir / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{cfg_file} does not exist (expected a Hugging Face model directory)")
-    cfg = config_from_hf(json.loads(cfg_file.read_text()))
+    hf = json.loads(cfg_file.read_text())
+    cfg = qwen_mapping.config_from_hf(hf, **kw) if hf.get("model_type") == "qwen2_5_vl" else config_from_hf(hf)
     params = params_from_tensors(cfg, _read_tensors(_safetensor_files(hf_dir)))
     return cfg, jax.tree.map(np.asarray, params)
 

@@ -68,10 +68,14 @@ def canonical_name(name: str) -> str:
 
 
 def to_ours(kind: str, a: np.ndarray) -> np.ndarray:
+    if kind.startswith("conv3d"):  # Conv3d with stride = kernel on flattened patches: a matmul
+        return a.reshape(a.shape[0], -1).T
     return {"linear": lambda x: x.T, "conv": lambda x: x.transpose(2, 3, 1, 0), "copy": lambda x: x}[kind](a)
 
 
 def to_hf(kind: str, a: np.ndarray) -> np.ndarray:
+    if kind.startswith("conv3d"):  # "conv3d:C,T,P,P" carries the kernel's shape [O, C, T, P, P]
+        return a.T.reshape(a.shape[-1], *(int(x) for x in kind.split(":")[1].split(",")))
     return {"linear": lambda x: x.T, "conv": lambda x: x.transpose(3, 2, 0, 1), "copy": lambda x: x}[kind](a)
 
 
@@ -120,7 +124,7 @@ def vision_to_hf(v) -> dict:
 def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
     """Our config (`cfg.model`, `cfg.hidrop` = vanilla) from a LLaVA `config.json` dict."""
     if hf.get("model_type") != "llava":
-        _unsupported("model_type", hf.get("model_type"), "'llava'")
+        _unsupported("model_type", hf.get("model_type"), "'llava' (or 'qwen2_5_vl' through load_hf)")
     v, t = hf.get("vision_config", {}), hf.get("text_config", {})
     if v.get("model_type", "clip_vision_model") != "clip_vision_model":
         _unsupported("vision_config.model_type", v.get("model_type"), "'clip_vision_model'")

@@ -2,7 +2,7 @@
 
     python -m hidrop_jax.convert export-hf CKPT_DIR OUT_DIR [--tokenizer TOK_DIR]
 
-Tensor names and transforms come from `hf.mapping.TABLE` (the inverse of import). The directory
+Tensor names and transforms come from the family's table (`hf.mapping.TABLE` for LLaVA) (the inverse of import). The directory
 is built in a temporary sibling and renamed into place when complete (`atomic.atomic_dir`), so an
 interrupted export never leaves a model that looks whole. Shards are written one at a time: besides the parameters
 themselves, at most one shard's worth of converted tensors is held in memory.
@@ -11,6 +11,8 @@ What is written: `config.json`, `model.safetensors` (or `model-0000k-of-0000n.sa
 `model.safetensors.index.json` above `max_shard_bytes`), `hidrop_schedule.json` (`cfg.hidrop`:
 HF's LLaVA runs all vision tokens, the schedule travels beside it), and with a tokenizer also the
 tokenizer files, `preprocessor_config.json` (CLIP) and `processor_config.json` (LlavaProcessor).
+A non-vanilla schedule also brings `modeling_hidrop_llava.py` and an `auto_map` (`hf.remote_code`:
+transformers runs the schedule with `trust_remote_code=True`); `--no-hidrop-code` leaves them out.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import numpy as np
 from hidrop_jax.atomic import atomic_dir, check_out_dir
 from hidrop_jax.config import resolved
 from hidrop_jax.data.image import CLIP_MEAN, CLIP_STD
-from hidrop_jax.hf.load import DATA_FILE, SCHEDULE_FILE
-from hidrop_jax.hf.mapping import TABLE, config_to_hf, expected_tensors, to_hf, vision_to_hf
+from hidrop_jax.hf import mapping
+from hidrop_jax.hf.load import DATA_FILE, SCHEDULE_FILE, family_mapping
+from hidrop_jax.hf.mapping import expected_tensors, to_hf, vision_to_hf
+from hidrop_jax.hf.remote_code import add_hidrop_code
 from hidrop_jax.model import abstract_params
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
@@ -39,15 +43,15 @@ def _flat(tree) -> dict:
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _hf_names() -> dict:
-    """{parameter path: (HF name, `*` for the layer index if stacked, kind)} from `TABLE`."""
-    return {path: (hf.replace("{i}", "*"), kind) for hf, path, kind in TABLE}
+def _hf_names(cfg) -> dict:
+    """{parameter path: (HF name, `*` for the layer index if stacked, kind)} from the family's table."""
+    return {path: (hf.replace("{i}", "*"), kind) for hf, path, kind in family_mapping(cfg).TABLE}
 
 
 def check_params(cfg, params) -> None:
     """Every array's shape against `cfg.model` (`abstract_params`); one error names every HF
     tensor that is missing, unexpected or of the wrong shape (shapes in HF's [out, in] order)."""
-    want, have, names = _flat(abstract_params(cfg)), _flat(params), _hf_names()
+    want, have, names = _flat(abstract_params(cfg)), _flat(params), _hf_names(cfg)
 
     def hf_shape(path, shape):
         kind = names[path][1] if path in names else "copy"
@@ -75,6 +79,10 @@ def check_params(cfg, params) -> None:
 
 # ----------------------------------------------------------------------------- writing
 
+def _expected(cfg) -> dict:
+    return family_mapping(cfg).expected_tensors(cfg)
+
+
 def _write_shard(path: Path, tensors: dict) -> None:
     """One safetensors file (the single place that writes tensor data; tests patch it)."""
     from safetensors.numpy import save_file
@@ -85,7 +93,7 @@ def _plan_shards(cfg, params, max_shard_bytes: int):
     """[[HF name, ...] per shard] in TABLE order; a tensor larger than the limit gets its own."""
     flat = _flat(params)
     shards, cur, size = [], [], 0
-    for name, (path, layer, _) in expected_tensors(cfg).items():
+    for name, (path, layer, _) in _expected(cfg).items():
         shape = np.shape(flat[path])[1:] if layer is not None else np.shape(flat[path])
         n = int(np.prod(shape)) * np.dtype(_DTYPE).itemsize
         if cur and size + n > max_shard_bytes:
@@ -104,7 +112,7 @@ def _hf_tensor(flat, path, layer, kind) -> np.ndarray:
 
 
 def _write_weights(tmp: Path, cfg, params, max_shard_bytes: int) -> None:
-    want, flat = expected_tensors(cfg), _flat(params)
+    want, flat = _expected(cfg), _flat(params)
     shards = _plan_shards(cfg, params, max_shard_bytes)
     if len(shards) == 1:
         files = ["model.safetensors"]
@@ -124,7 +132,7 @@ def _write_weights(tmp: Path, cfg, params, max_shard_bytes: int) -> None:
 
 def hf_config(cfg) -> dict:
     """`config_to_hf(cfg)` plus the storage dtype (4.57 reads `torch_dtype`, 5.x `dtype`)."""
-    out = config_to_hf(cfg)
+    out = family_mapping(cfg).config_to_hf(cfg)
     out["torch_dtype"] = out["dtype"] = "float32"
     try:
         import transformers
@@ -189,10 +197,14 @@ def _edit_json(path: Path, edit) -> None:
 
 
 def save_hf(cfg, params, out_dir, tokenizer=None, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-            overwrite: bool = False) -> Path:
+            overwrite: bool = False, hidrop_code: bool = True) -> Path:
     """Writes a HF LLaVA directory for (cfg, params); returns its path. `tokenizer` (a
     `PreTrainedTokenizerBase` whose vocabulary holds `cfg.model.image_token_id`) adds the
-    tokenizer, a CLIP image processor and a LlavaProcessor, so `AutoProcessor` loads."""
+    tokenizer, a CLIP image processor and a LlavaProcessor, so `AutoProcessor` loads.
+    `hidrop_code`: with a non-vanilla schedule, also the HiDrop modeling file + `auto_map`
+    (`hf.remote_code`), so transformers runs the schedule with `trust_remote_code=True`."""
+    if family_mapping(cfg) is not mapping and tokenizer is not None:
+        raise NotImplementedError("save_hf for Qwen2.5-VL writes no tokenizer/processor yet")
     out = Path(out_dir).absolute()
     check_out_dir(out, overwrite)
     check_params(cfg, params)
@@ -208,7 +220,10 @@ def save_hf(cfg, params, out_dir, tokenizer=None, *, max_shard_bytes: int = DEFA
         if tokenizer is not None:
             _write_processor(tmp, cfg, tokenizer, image_token)
         # config.json last: a directory with it is a complete model.
-        (tmp / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
+        # the PyTorch HiDrop code is LLaVA's (a Qwen export runs vanilla in transformers)
+        llava = family_mapping(cfg) is mapping
+        conf = add_hidrop_code(tmp, cfg, hf_config(cfg)) if hidrop_code and llava else hf_config(cfg)
+        (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
     return out
 
 

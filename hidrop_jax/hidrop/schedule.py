@@ -45,7 +45,8 @@ class Schedule:
 
     def __post_init__(self):
         object.__setattr__(self, "prune_after", tuple(int(p) for p in self.prune_after))
-        object.__setattr__(self, "keep", tuple(int(k) for k in self.keep))
+        object.__setattr__(self, "keep", tuple(keep_count(k, self.n_vision, i)
+                                               for i, k in enumerate(self.keep)))
         validate(self)
 
     @property
@@ -69,6 +70,16 @@ class Schedule:
     def mean_tokens(self) -> float:
         """The paper's "average tokens": vision tokens per layer averaged over all layers."""
         return sum(self.tokens_per_layer()) / self.num_layers
+
+
+def keep_count(k, n_vision: int, i: int = 0) -> int:
+    """A keep entry as a count: an int is a count; a float in (0, 1) a fraction of the n_vision
+    tokens entering the model (rounded, at least 1), so a schedule means the same at any grid."""
+    if isinstance(k, float) and not float(k).is_integer():
+        if not 0 < k < 1:
+            _bad(f"keep[{i}]", k, "an int count, or a float fraction in (0, 1) of the vision tokens")
+        return max(1, round(k * n_vision))
+    return int(k)
 
 
 def layer_flops(n: int, d: int, m: int) -> float:

@@ -27,6 +27,7 @@ class TextDims:
     dtype: jnp.dtype = jnp.float32
     attention_impl: Optional[str] = None
     init_std: float = INIT_STD  # HF `initializer_range`: std of every weight at initialisation
+    qkv_bias: bool = False  # Qwen2: q/k/v projections carry a bias (o_proj never does)
 
 
 class RMSNorm(nn.Module):
@@ -49,9 +50,10 @@ class LlamaAttention(nn.Module):
     def setup(self):
         d = self.dims
         lin = functools.partial(dense, use_bias=False, dtype=d.dtype, init_std=d.init_std)
-        self.q_proj = lin(d.num_heads * d.head_dim, ("embed", "heads"), name="q_proj")
-        self.k_proj = lin(d.num_kv_heads * d.head_dim, ("embed", "kv_heads"), name="k_proj")
-        self.v_proj = lin(d.num_kv_heads * d.head_dim, ("embed", "kv_heads"), name="v_proj")
+        qkv = functools.partial(lin, use_bias=d.qkv_bias)
+        self.q_proj = qkv(d.num_heads * d.head_dim, ("embed", "heads"), name="q_proj")
+        self.k_proj = qkv(d.num_kv_heads * d.head_dim, ("embed", "kv_heads"), name="k_proj")
+        self.v_proj = qkv(d.num_kv_heads * d.head_dim, ("embed", "kv_heads"), name="v_proj")
         self.o_proj = lin(d.hidden_size, ("heads", "embed"), name="o_proj")
 
     def _heads(self, x, n):

@@ -1,1 +1,0 @@
-"""Model layers. They know nothing of HiDrop: positions, validity and masks come in as arguments."""

@@ -1,0 +1,213 @@
+"""Qwen2.5-VL as a model family: config, vision tower + merger, M-RoPE positions, preprocessing
+(its HF batch adapter is `hf.inputs.qwen_hf_to_inputs`).
+
+The LLM is Qwen2 = our Llama decoder with q/k/v biases, rotated by M-RoPE: three position rows
+(t, h, w). Text has t = h = w (= its 1-D position); an image's merged tokens sit at
+(start, start + row, start + col) and the text after it resumes at start + max(rows, cols),
+as transformers 5.24's `get_rope_index` builds them (ported below for still images). The order
+that drives masks and scoring stays the plain sequence index, as for LLaVA.
+
+Static shapes: one patch grid per config (`model.vision.image_size` = [height, width] px,
+multiples of patch·merge); 672×672 gives 24×24 = 576 merged tokens, LLaVA-1.5's count.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from PIL import Image
+
+from hidrop_jax.data.image import CLIP_MEAN, CLIP_STD, decode
+from hidrop_jax.layers.common import INIT_STD
+from hidrop_jax.layers.qwen_vision import QwenVisionDims, init_qwen_vision, qwen_vision_features
+
+NAME = "qwen2_5_vl"
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "minimal", "full")
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+
+
+def model_config(*, vision: dict, text: dict, image_token_id: int = 151655,
+                 video_token_id: int = 151656, vision_start_token_id: int = 151652,
+                 vision_end_token_id: int = 151653, dtype: str = "float32", remat: str = "none",
+                 scan_unroll: bool = False, attention_impl: str | None = None,
+                 ) -> ml_collections.ConfigDict:
+    """`cfg.model` for Qwen2.5-VL; defaults follow the released 3B/7B vision tower."""
+    v = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+             temporal_patch_size=2, spatial_merge_size=2, window_size=112,
+             fullatt_block_indexes=(7, 15, 23, 31), in_channels=3, hidden_act="silu",
+             tokens_per_second=2, rope_theta=10000.0, image_size=(672, 672),
+             initializer_range=INIT_STD)
+    v.update(vision)
+    v["fullatt_block_indexes"] = tuple(v["fullatt_block_indexes"])
+    v["image_size"] = tuple(v["image_size"])
+    t = dict(rms_norm_eps=1e-6, rope_theta=1e6, hidden_act="silu", tie_word_embeddings=False,
+             max_position_embeddings=128000, initializer_range=INIT_STD, qkv_bias=True,
+             mrope_section=(16, 24, 24))
+    t.update(text)
+    t["mrope_section"] = tuple(t["mrope_section"])
+    t.setdefault("num_kv_heads", t["num_heads"])
+    t.setdefault("head_dim", t["hidden_size"] // t["num_heads"])
+    v.setdefault("out_hidden_size", t["hidden_size"])
+    m = ml_collections.ConfigDict(dict(
+        family=NAME, vision=v, text=t, image_token_id=image_token_id, video_token_id=video_token_id,
+        vision_start_token_id=vision_start_token_id, vision_end_token_id=vision_end_token_id,
+        dtype=dtype, remat=remat, scan_unroll=scan_unroll,
+        attention_impl=ml_collections.FieldReference(attention_impl, field_type=str)))
+    validate(m)
+    return m
+
+
+def _fail(field: str, value, allowed: str):
+    raise ValueError(f"config field `{field}` = {value!r} is not supported; allowed: {allowed}")
+
+
+def validate(m) -> None:
+    """Fails naming the field, the value and what is allowed."""
+    v, t = m.vision, m.text
+    if m.dtype not in DTYPES:
+        _fail("model.dtype", m.dtype, f"one of {DTYPES}")
+    if m.remat not in REMAT_POLICIES:
+        _fail("model.remat", m.remat, f"one of {REMAT_POLICIES}")
+    if m.get("attention_impl") not in ATTENTION_IMPLS:
+        _fail("model.attention_impl", m.attention_impl, f"one of {ATTENTION_IMPLS}")
+    if v.hidden_act != "silu":
+        _fail("model.vision.hidden_act", v.hidden_act, "'silu'")
+    if t.hidden_act != "silu":
+        _fail("model.text.hidden_act", t.hidden_act, "'silu'")
+    if v.hidden_size % v.num_heads or (v.hidden_size // v.num_heads) % 4:
+        _fail("model.vision.num_heads", v.num_heads, f"a divisor of hidden_size={v.hidden_size} "
+              "leaving a head size divisible by 4 (2-D RoPE rotates row and column pairs)")
+    unit = v.patch_size * v.spatial_merge_size
+    size = tuple(v.image_size)
+    if len(size) != 2 or any(s <= 0 or s % unit for s in size):
+        _fail("model.vision.image_size", list(size), f"[height, width] in px, positive multiples "
+              f"of patch_size·spatial_merge_size = {unit}")
+    if v.window_size // v.spatial_merge_size // v.patch_size < 1:
+        _fail("model.vision.window_size", v.window_size, f"at least patch_size·spatial_merge_size = {unit}")
+    bad = [i for i in v.fullatt_block_indexes if not 0 <= i < v.depth]
+    if bad:
+        _fail("model.vision.fullatt_block_indexes", list(v.fullatt_block_indexes),
+              f"block indices in [0, {v.depth - 1}]")
+    if v.out_hidden_size != t.hidden_size:
+        _fail("model.vision.out_hidden_size", v.out_hidden_size, f"text hidden_size={t.hidden_size}")
+    if t.num_heads % t.num_kv_heads:
+        _fail("model.text.num_kv_heads", t.num_kv_heads, f"a divisor of num_heads={t.num_heads}")
+    if t.head_dim % 2:
+        _fail("model.text.head_dim", t.head_dim, "an even number (RoPE rotates pairs)")
+    if sum(t.mrope_section) != t.head_dim // 2 or len(t.mrope_section) != 3:
+        _fail("model.text.mrope_section", list(t.mrope_section),
+              f"three ints (t, h, w) summing to head_dim // 2 = {t.head_dim // 2}")
+    if not t.initializer_range > 0:
+        _fail("model.text.initializer_range", t.initializer_range, "a positive float")
+
+
+def grid(m) -> tuple[int, int]:
+    """(rows, cols) of patches of the config's fixed image size."""
+    return tuple(s // m.vision.patch_size for s in m.vision.image_size)
+
+
+def n_vision_tokens(m) -> int:
+    gh, gw = grid(m)
+    return gh * gw // m.vision.spatial_merge_size ** 2
+
+
+def vision_dims(m) -> QwenVisionDims:
+    v = m.vision
+    gh, gw = grid(m)
+    return QwenVisionDims(
+        v.depth, v.hidden_size, v.intermediate_size, v.num_heads, v.patch_size,
+        v.temporal_patch_size, v.spatial_merge_size, v.window_size, tuple(v.fullatt_block_indexes),
+        v.out_hidden_size, gh, gw, v.in_channels, v.rope_theta,
+        jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32, v.initializer_range)
+
+
+def init_vision(m, rng) -> dict:
+    """Boxed {"vision": tower, "projector": merger} (the merger is Qwen's projector)."""
+    tower, merger = init_qwen_vision(vision_dims(m), rng)
+    return {"vision": tower, "projector": merger}
+
+
+def encode_image(m, params, patches):
+    """patches [B, S, C·T·P·P] -> merged tokens [B, N, D_text] (raster order of the merged grid)."""
+    return qwen_vision_features(vision_dims(m), params["vision"], params["projector"], patches,
+                                remat=m.remat, unroll=m.scan_unroll)
+
+
+# ----------------------------------------------------------------------------- positions
+
+def rope_index(m, ids, mask, image_rows) -> np.ndarray:
+    """M-RoPE positions [3, B, L] (int64) for an HF batch (one image grid per config): HF's
+    `get_rope_index` for still images. Padding keeps 0. `image_rows` [B, L] bool marks image
+    tokens (HF's `mm_token_type_ids == 1`)."""
+    b, length = ids.shape
+    gh, gw = (g // m.vision.spatial_merge_size for g in grid(m))
+    out = np.zeros((3, b, length), np.int64)
+    for i in range(b):
+        kinds = image_rows[i][mask[i]]
+        cur, rows = 0, []
+        for is_img, run in itertools.groupby(kinds):
+            n = len(list(run))
+            if not is_img:
+                rows.append(np.broadcast_to(np.arange(n) + cur, (3, n)))
+                cur += n
+                continue
+            if n != gh * gw:
+                raise ValueError(f"sample {i} has a run of {n} image tokens; the grid "
+                                 f"{gh}×{gw} of model.vision.image_size gives {gh * gw}")
+            r, c = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+            rows.append(np.stack([np.full(n, cur), cur + r.reshape(-1), cur + c.reshape(-1)]))
+            cur += max(gh, gw)
+        if rows:
+            out[:, i, mask[i]] = np.concatenate(rows, axis=1)
+    return out
+
+
+def with_grid(m, image_grid_thw):
+    """`m` with `vision.image_size` set to the batch's grid (one compile per grid: a bucket)."""
+    g = np.asarray(image_grid_thw).reshape(-1, 3)
+    if len(np.unique(g, axis=0)) != 1:
+        raise ValueError(f"image_grid_thw {g.tolist()}: every image of a batch must have the same "
+                         "grid (static shapes: resize images to one size per batch)")
+    t, gh, gw = (int(x) for x in g[0])
+    if t != 1:
+        raise ValueError(f"image_grid_thw {g[0].tolist()}: t = {t}; only still images (t = 1) "
+                         "are supported")
+    size = (gh * m.vision.patch_size, gw * m.vision.patch_size)
+    if size == tuple(m.vision.image_size):
+        return m
+    m = ml_collections.ConfigDict(m.to_dict())
+    m.vision.image_size = size
+    validate(m)
+    return m
+
+
+def preprocess(m, image) -> np.ndarray:
+    """An image (bytes, uint8 HWC array or PIL) -> its patches [S, C·T·P·P] at the config's fixed
+    grid: resized to `image_size` (bicubic, aspect ratio not kept: static shapes), scaled to
+    [0, 1], normalised with CLIP's mean/std, patchified. With an image already of that size this
+    is HF's `Qwen2VLImageProcessor` exactly."""
+    h, w = m.vision.image_size
+    im = decode(image)
+    if im.size != (w, h):
+        im = im.resize((w, h), Image.BICUBIC)
+    x = (np.asarray(im, np.float32) / 255.0 - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+    return patchify(m, x[None])[0]
+
+
+def patchify(m, images) -> np.ndarray:
+    """Images [B, H, W, C] (already resized and normalised, H×W = `image_size`) -> the
+    processor's flattened patches [B, S, C·T·P·P]: still images repeated over T, merge-block-major."""
+    v = m.vision
+    x = np.asarray(images, np.float32)
+    b, h, w, c = x.shape
+    p, mg, t = v.patch_size, v.spatial_merge_size, v.temporal_patch_size
+    x = x.reshape(b, h // p // mg, mg, p, w // p // mg, mg, p, c)
+    x = x.transpose(0, 1, 4, 2, 5, 7, 3, 6)  # [B, H/pm, W/pm, m, m, C, P, P]
+    x = np.broadcast_to(x[:, :, :, :, :, :, None], x.shape[:6] + (t, p, p))
+    return x.reshape(b, (h // p) * (w // p), c * t * p * p)
+
