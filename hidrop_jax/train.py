@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from hidrop_jax import cli
 from hidrop_jax import sharding as shard_lib
-from hidrop_jax.checkpoint import checkpoint_manager, open_run, restore_state, save_state
+from hidrop_jax.checkpoint import (checkpoint_manager, kind_of, open_run, read_config, restore_state,
+                                   save_state)
 from hidrop_jax.config import (TRAINABLE, architecture_diff, resolved, schedule_of, upgrade,
                                validate_train)
 from hidrop_jax.data import pipeline as data_lib
@@ -124,15 +125,22 @@ def init_state(cfg, mesh, tx):
     return dict(params=params, opt_state=opt_state, step=step, rng=rng)
 
 
+def check_init_from(cfg, path: str, kind_cfg=None) -> None:
+    """`train.init_from` must hold `cfg`'s architecture (read from its config alone, so a wrong
+    directory fails before the data and a 7B initialisation, not after)."""
+    kind, src = kind_cfg or (kind_of(path), read_config(path))
+    diff = architecture_diff(src.model, cfg.model)
+    if diff:
+        raise ValueError(f"train.init_from={path!r} ({kind}) has another architecture than "
+                         f"--config: " + "; ".join(diff))
+
+
 def load_pretrained(cfg, state, path: str):
     """Start from `train.init_from`: an `import-hf` checkpoint, a training workdir (its latest
     step) or a HF LLaVA directory. The architecture must match; the HiDrop schedule and the
     training settings come from `cfg`."""
     run = open_run(path)
-    diff = architecture_diff(run.cfg.model, cfg.model)
-    if diff:
-        raise ValueError(f"train.init_from={path!r} ({run.kind}) has another architecture than "
-                         f"--config: " + "; ".join(diff))
+    check_init_from(cfg, path, (run.kind, run.cfg))
     shardings = jax.tree.map(lambda x: x.sharding, state["params"])
     state["params"] = jax.tree.map(lambda a, s: jax.device_put(a, s), run.params, shardings)
     at = f" step {run.step}" if run.step is not None else ""
@@ -232,6 +240,8 @@ def train(cfg, workdir) -> dict:
     validate_train(cfg)
     schedule_of(cfg)  # a bad schedule fails now, not at step 10,000
     changes = relaunch_changes(cfg, workdir)  # before anything is written
+    if t.get("init_from") and not any((workdir / "checkpoints").glob("[0-9]*")):
+        check_init_from(cfg, t.init_from)  # (a resume ignores init_from)
     mesh = shard_lib.make_mesh(tuple(t.mesh))
     if t.batch_size % jax.process_count():
         raise ValueError(f"config field `train.batch_size` = {t.batch_size} is not supported; "

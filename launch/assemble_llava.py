@@ -29,8 +29,15 @@ import os
 from pathlib import Path
 
 
-def _tokenizer_with_image(path: str):
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def _tokenizer_with_image(path: str, flag: str):
     from transformers import AutoTokenizer
+    if not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{flag} {path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); pass "
+            "--tokenizer DIR with a fast tokenizer (tokenizer.json), e.g. a llava-hf LLaVA-1.5 one")
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
     if not tok.is_fast:
         raise ValueError(f"{path}: a fast tokenizer is needed (tokenizer.json, or install "
@@ -71,7 +78,8 @@ def assemble(llm_dir: str, vision_dir: str, out_dir: str, *, tokenizer_dir: str 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty")
-    tok, image_id = _tokenizer_with_image(tokenizer_dir or llm_dir)
+    tok, image_id = _tokenizer_with_image(tokenizer_dir or llm_dir,
+                                          "--tokenizer" if tokenizer_dir else "--llm")
 
     llm = LlamaForCausalLM.from_pretrained(llm_dir, local_files_only=True, dtype="auto")
     tconf = llm.config

@@ -436,8 +436,9 @@ def test_llava_json_fixture(tmp_path, tok):
     assert set(recs_out) == {"a", "b", "t"} and [_s(val[i]["id"]) for i in range(len(val))] == ["gray"]
     recs_out["gray"] = val[0]
     b = make_builder(spec, d)
-    assert b.info.metadata["skipped"] == {"missing_image": 1, "corrupt_image": 1, "malformed": 1}
-    assert {k: v for k, v in b.info.metadata["skipped_ids"].items()} == {
+    assert b.info.metadata["skipped"] == {"missing_image": 1, "corrupt_image": 1, "malformed": 1,
+                                          "unsafe_path": 0, "image_tags": 0}
+    assert {k: v for k, v in b.info.metadata["skipped_ids"].items() if v} == {
         "missing_image": ["missing"], "corrupt_image": ["corrupt"], "malformed": ["malformed"]}
     rb = recs_out["b"]
     assert [_s(q) for q in rb["conversations"]["question"]] == ["what shape is the green object ?",

@@ -9,10 +9,14 @@ image folder, both in `manual_dir`, into the feature spec `shapes_vqa` uses.
 (LLaVA-665K has ~40k ShareGPT ones). The `<image>` placeholder is stripped from the text: the
 pipeline's templates put the image at the start of the first question, as LLaVA does.
 
-Records whose image file is missing or cannot be decoded, and malformed records (no
-human/gpt pairs), are skipped, never a crash: the counts are logged and stored in
-`builder.info.metadata["skipped"]` (with up to 20 example ids each under
-`metadata["skipped_ids"]`).
+Records are skipped, never a crash, when their image file is missing (`missing_image`) or
+cannot be decoded (`corrupt_image`), when their image path leaves `manual_dir` (`unsafe_path`:
+`../../etc/passwd` or an absolute path; refused before anything is opened; checked on the
+path's text, so a symlinked image folder inside `manual_dir` still works), when they hold more
+than one `<image>` tag (`image_tags`: one image per record, as LLaVA-1.5 trains; the tags would
+not say which image goes where), and when they are malformed (`malformed`: no human/gpt pair).
+The counts are logged and stored in `builder.info.metadata["skipped"]` (with up to 20 example
+ids each under `metadata["skipped_ids"]`); `python -m hidrop_jax.data.build` prints them.
 
     b = LlavaJson(data_dir=d, config=llava_json_config("llava_v1_5_mix665k.json"))
     b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=m))
@@ -48,6 +52,8 @@ class LlavaJsonConfig(tfds.core.BuilderConfig):
 def llava_json_config(json_file: str, image_dir: str = "", *, num_validation: int = 0,
                       name: str | None = None) -> LlavaJsonConfig:
     stem = os.path.splitext(os.path.basename(json_file))[0]
+    if num_validation:  # in the name: another split point is another build, not a stale cache
+        stem += f"_val{num_validation}"
     name = name or "".join(ch if ch.isalnum() or ch in "_-." else "_" for ch in stem)
     return LlavaJsonConfig(name=name, json_file=json_file, image_dir=image_dir,
                            num_validation=num_validation,
@@ -77,12 +83,23 @@ def load_image_bytes(path: str) -> bytes:
         return buf.getvalue()
 
 
+SKIP_REASONS = ("missing_image", "corrupt_image", "unsafe_path", "image_tags", "malformed")
+
+
+class TooManyImageTags(ValueError):
+    pass
+
+
 def parse_conversation(turns) -> tuple[list[str], list[str]]:
     """LLaVA turns -> (questions, answers), placeholders stripped. Pairs human→gpt turns in
     order; a leading gpt turn or a trailing human turn is dropped. Raises ValueError if no
-    pair remains or a turn is malformed."""
+    pair remains or a turn is malformed, TooManyImageTags for more than one `<image>`."""
     if not isinstance(turns, list):
         raise ValueError("`conversations` is not a list")
+    tags = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns
+               if isinstance(t, dict) and isinstance(t.get("value"), str))
+    if tags > 1:
+        raise TooManyImageTags(f"{tags} {IMAGE_PLACEHOLDER} tags (at most one image per record)")
     qs, ans, pending = [], [], None
     for t in turns:
         if not isinstance(t, dict) or "from" not in t or not isinstance(t.get("value"), str):
@@ -97,6 +114,19 @@ def parse_conversation(turns) -> tuple[list[str], list[str]]:
     if not qs:
         raise ValueError("no human→gpt pair")
     return qs, ans
+
+
+def image_path(manual_dir: str, image_dir: str, rel) -> str:
+    """`manual_dir/image_dir/rel`, refusing (ValueError) a path that leaves `manual_dir`:
+    absolute, or climbing out with `..`. Decided on the text alone (nothing is opened), so
+    symlinks inside `manual_dir` (e.g. `coco -> /datasets/coco`) are followed as usual."""
+    if not isinstance(rel, str) or os.path.isabs(rel):
+        raise ValueError(f"image path {rel!r} is not relative to manual_dir")
+    root = os.path.normpath(os.path.abspath(manual_dir))
+    path = os.path.normpath(os.path.join(root, image_dir, rel))
+    if os.path.commonpath([root, path]) != root:
+        raise ValueError(f"image path {rel!r} leaves manual_dir {manual_dir}")
+    return path
 
 
 def strip_placeholder(text: str) -> str:
@@ -135,14 +165,14 @@ class LlavaJson(LocalBuilder, tfds.core.GeneratorBasedBuilder):
             records = json.load(f)
         if not isinstance(records, list):
             raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-        image_root = os.path.join(dl_manager.manual_dir, c.image_dir)
-        self._skipped = {"missing_image": 0, "corrupt_image": 0, "malformed": 0}
+        manual = str(dl_manager.manual_dir)
+        self._skipped = {k: 0 for k in SKIP_REASONS}
         self._skipped_ids = {k: [] for k in self._skipped}
         n_val = min(c.num_validation, len(records))
-        splits = {"train": self._generate_examples(records, 0, len(records) - n_val, image_root)}
+        splits = {"train": self._generate_examples(records, 0, len(records) - n_val, manual)}
         if n_val:
             splits["validation"] = self._generate_examples(
-                records, len(records) - n_val, len(records), image_root)
+                records, len(records) - n_val, len(records), manual)
         return splits
 
     def _skip(self, why: str, rid: str, detail: str):
@@ -153,7 +183,7 @@ class LlavaJson(LocalBuilder, tfds.core.GeneratorBasedBuilder):
         self.info.metadata["skipped"] = dict(self._skipped)
         self.info.metadata["skipped_ids"] = {k: list(v) for k, v in self._skipped_ids.items()}
 
-    def _generate_examples(self, records, start: int, stop: int, image_root: str):
+    def _generate_examples(self, records, start: int, stop: int, manual_dir: str):
         c = self.builder_config
         self.info.metadata.setdefault("skipped", dict(self._skipped))
         for i in range(start, stop):
@@ -163,13 +193,20 @@ class LlavaJson(LocalBuilder, tfds.core.GeneratorBasedBuilder):
                 if not isinstance(rec, dict):
                     raise ValueError("record is not an object")
                 qs, ans = parse_conversation(rec.get("conversations"))
+            except TooManyImageTags as e:
+                self._skip("image_tags", rid, str(e))
+                continue
             except ValueError as e:
                 self._skip("malformed", rid, str(e))
                 continue
             has_image = bool(rec.get("image"))
             image = _blank_jpeg()
             if has_image:
-                path = os.path.join(image_root, rec["image"])
+                try:
+                    path = image_path(manual_dir, c.image_dir, rec["image"])
+                except ValueError as e:
+                    self._skip("unsafe_path", rid, str(e))
+                    continue
                 try:
                     image = load_image_bytes(path)
                 except FileNotFoundError:
