@@ -96,7 +96,7 @@ def open_run(path, *, step: Optional[int] = None, check_shapes: bool = True) -> 
             meta = ckptr.metadata(d / "params")
             target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                   getattr(meta, "item_metadata", meta))
-        params = _restore_or_fail(lambda: ckptr.restore(d / "params", target), d / "params")
+        params = _restore_or_fail(lambda: ckptr.restore(d / "params", target), f"checkpoint {d / 'params'}")
     verify(params, _read_json(d / CHECKSUMS), f"checkpoint {d}")
     return Run(cfg, params, None, kind, d)
 
@@ -148,7 +148,7 @@ def _load_step(mgr, workdir: Path, step: int, abstract, *, offer_older: bool = T
         partial_restore=True))
     where = Path(workdir) / "checkpoints" / str(step)
     try:
-        params = _restore_or_fail(lambda: mgr.restore(step, args=args), where)["state"]["params"]
+        params = _restore_or_fail(lambda: mgr.restore(step, args=args), f"step {step} ({where})")["state"]["params"]
         verify({"params": params}, read_step_checksums(workdir, step), f"step {step} ({where})")
     except DamagedCheckpoint as e:
         if not offer_older:
@@ -225,7 +225,8 @@ def restore_state(mgr, state, data_iter):
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     try:
         got = _restore_or_fail(lambda: mgr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=grain.PyGrainCheckpointRestore(data_iter))), where)
+            state=ocp.args.StandardRestore(target), data=grain.PyGrainCheckpointRestore(data_iter))),
+            f"step {step} ({where})")
         verify(got["state"], read_step_checksums(workdir, step), f"step {step} ({where})")
     except DamagedCheckpoint as e:
         raise DamagedCheckpoint(f"{e}; cannot resume. Move {where} aside to resume from the step "
@@ -243,12 +244,12 @@ def _read_json(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _restore_or_fail(restore, where: Path):
+def _restore_or_fail(restore, what: str):
     try:
         return restore()
     except (OSError, ValueError, RuntimeError) as e:  # tensorstore/orbax on damaged files
         cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise DamagedCheckpoint(f"{where} cannot be read ({type(e).__name__}: {cause[:300]})") from None
+        raise DamagedCheckpoint(f"{what} cannot be read ({type(e).__name__}: {cause[:200]})") from None
 
 
 def _crc(a) -> str:

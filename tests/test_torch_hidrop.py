@@ -23,7 +23,7 @@ from hf_tiny import make_batch, make_hf_llava
 from hidrop_jax import generate as gen_lib
 from hidrop_jax.batch import to_inputs
 from hidrop_jax.checkpoint import save_checkpoint
-from hidrop_jax.config import with_schedule
+from hidrop_jax.config import schedule_of, with_schedule
 from hidrop_jax.convert import load_hf, main as convert_main, save_hf
 from hidrop_jax.hf import remote_code
 from hidrop_jax.hf.inputs import expand_image_tokens, hf_to_inputs
@@ -99,7 +99,7 @@ def test_logits_and_kept_tokens_match_jax(tiny, tmp_path_factory, name, padding)
     # the same vision tokens survive every cut (samples with an image; the third has none)
     has = np.asarray(inputs.has_image)
     kept = [] if name == "vanilla" else model.hidrop_kept
-    assert len(kept) == len(c.hidrop.prune_after) == len(aux["kept"])
+    assert len(kept) == len(schedule_of(c).prune_after) == len(aux["kept"])
     for k_torch, k_jax in zip(kept, aux["kept"]):
         np.testing.assert_array_equal(k_torch.numpy()[has], np.asarray(k_jax)[has])
         assert (k_torch.numpy()[~has] == -1).all()
