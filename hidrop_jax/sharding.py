@@ -71,9 +71,11 @@ def param_shardings(cfg, mesh: Mesh, rules=RULES):
                         mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
-def check_not_replicated(shardings, shapes, mesh: Mesh, min_elements: int = 1 << 16) -> None:
+def check_not_replicated(shardings, shapes, mesh: Mesh, min_elements: int = 1 << 20) -> None:
     """With fsdp > 1 every large parameter must be split: a bad rules table would otherwise
-    silently replicate it on every device (and run out of memory at 7B)."""
+    silently replicate it on every device (and run out of memory at 7B). The default bar (1M
+    elements) lets the stacked norm scales and biases stay replicated (layers × width: 131K at
+    7B, which 1 << 16 refused, so no 7B run could start); a 7B weight matrix has ≥ 16M."""
     if mesh.shape["fsdp"] == 1 and mesh.shape["tensor"] == 1:
         return
     bad = []
