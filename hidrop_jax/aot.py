@@ -71,7 +71,8 @@ class Chip:
 
 # Public per-chip figures from the Cloud TPU system-architecture pages (TPU v4, v5e, v5p,
 # Trillium/v6e): peak bf16 275 / 197 / 459 / 918 TFLOP/s; HBM 32 / 16 / 95 / 32 GiB;
-# HBM bandwidth 1,200 / 819 / 2,765 / 1,640 GB/s. One JAX device per chip (v4/v5p megacore).
+# HBM bandwidth 1,200 / 819 / 2,765 / 1,640 GB/s. libtpu gives one device per chip for v5p (megacore),
+# two for v4 (one per TensorCore): `report` divides by the cores per chip.
 CHIPS = {
     "v4": Chip(275e12, 32 * GiB, 1200e9),
     "v5e": Chip(197e12, 16 * GiB, 819e9),
@@ -245,11 +246,15 @@ def report(cfg, topology: str, program_name: str, *, max_new_tokens: int = 32,
     if cfg.train.batch_size % dp:
         raise ValueError(f"config.train.batch_size = {cfg.train.batch_size} is not divisible by "
                          f"data × fsdp = {dp} of mesh {dict(mesh.shape)}; allowed: multiples of {dp}")
-    spec = CHIPS[chip]
+    # libtpu describes v4 as two devices per chip (one per TensorCore, no megacore): each
+    # device then has half the chip's HBM, FLOP/s and bandwidth.
+    cores = len({getattr(d, "core_on_chip", 0) for d in devices})
+    c = CHIPS[chip]
+    spec = Chip(c.peak_bf16 / cores, c.hbm_bytes // cores, c.hbm_bw / cores)
     compiled, fits, compile_s = compile_program(*program(cfg, mesh, program_name, max_new_tokens))
     mem = memory(compiled)
     out = dict(topology=topology, chip=chip, device_kind=devices[0].device_kind, devices=len(devices),
-               mesh=dict(mesh.shape), program=program_name, schedule=cfg.hidrop.get("name", "custom"),
+               chips=len(devices) // cores, mesh=dict(mesh.shape), program=program_name, schedule=cfg.hidrop.get("name", "custom"),
                batch_per_device=cfg.train.batch_size // dp, max_len=cfg.data.max_len,
                remat=cfg.model.remat, dtype=cfg.model.dtype, trainable=cfg.train.trainable,
                bytes_per_device=mem, hbm_bytes_per_device=spec.hbm_bytes, fits=fits,

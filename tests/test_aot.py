@@ -64,6 +64,7 @@ def test_cli_writes_every_field(tmp_path):
     assert 0 < r["est_mfu"] <= 1
 
 
+@pytest.mark.slow
 def test_argument_bytes_are_the_sharded_optimizer_state():
     """argument(train everything) − argument(train the projector only) = Adam's mu and nu of the
     vision tower and the LLM, sharded 4 ways (the batch and the rest cancel)."""
@@ -92,6 +93,7 @@ def test_argument_bytes_are_the_sharded_optimizer_state():
     assert args["all"] - args["projector"] == pytest.approx(moments, rel=0.02)
 
 
+@pytest.mark.slow
 def test_bigger_batch_needs_more_temporaries():
     aot = _aot()
     chip, devices = aot.topology_devices("v5p:2x2x1")
@@ -104,6 +106,7 @@ def test_bigger_batch_needs_more_temporaries():
     assert temp[1] > 2 * temp[0], temp
 
 
+@pytest.mark.slow
 def test_flops_follow_the_schedules_analytic_order():
     """XLA's FLOPs of the unrolled prefill: Tok64 does less than vanilla, and the saving is the
     analytic one (`schedule.layer_flops` over the per-layer token counts) within 10%."""
@@ -127,6 +130,7 @@ def test_flops_follow_the_schedules_analytic_order():
     assert saved_xla > 0.5 * saved_formula, (saved_xla, saved_formula)  # tower/head dilute it
 
 
+@pytest.mark.slow
 def test_max_batch_fits_and_the_next_does_not():
     """On v5e (16 GiB) with 4,096 text rows the attention logits bound the batch to a few rows."""
     aot = _aot()

@@ -80,3 +80,32 @@ def test_pallas_prefill_compiles_for_tpu_with_the_kernel():
     assert fits
     hlo = compiled.as_text()
     assert "tpu_custom_call" in hlo
+
+
+@pytest.mark.slow
+def test_model_forward_with_pallas_equals_xla_in_interpret_mode():
+    """The whole tiny model under Tok64 (injection, cuts, exit; the vision block stored after
+    the text) with attention_impl=pallas: the same logits on every valid row. One sample has no
+    image, so its dead vision slots share positions with its text."""
+    from jax.experimental.pallas import tpu as pltpu
+    from hidrop_jax.model import Inputs, forward, init_params
+    import tiny_config
+    cfg = tiny_config.get_config("schedule=tok64")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    r = np.random.default_rng(0)
+    b, t, n = 2, 20, 16
+    slot = np.array([3, 0])
+    rows = np.arange(t)
+    pos = np.stack([np.where(rows >= 3, rows + n, rows), rows]).astype(np.int32)
+    valid = np.ones((b, t), bool)
+    valid[0, 17:], valid[1, 12:] = False, False
+    v = cfg.model.vision
+    inputs = Inputs(text_ids=jnp.asarray(r.integers(4, 128, (b, t)), jnp.int32), text_pos=jnp.asarray(pos),
+                    text_valid=jnp.asarray(valid), image_slot=jnp.asarray(slot, jnp.int32),
+                    has_image=jnp.asarray([True, False]),
+                    pixels=jnp.asarray(r.normal(size=(b, v.image_size, v.image_size, 3)), jnp.float32))
+    want = jax.jit(lambda p, x: forward(cfg, p, x))(params, inputs)
+    cfg.model.attention_impl = "pallas"
+    with pltpu.force_tpu_interpret_mode():
+        got = jax.jit(lambda p, x: forward(cfg, p, x))(params, inputs)
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-4, rtol=1e-4)
