@@ -63,7 +63,7 @@ def done_rows(path: str) -> list:
     return [json.loads(line) for line in open(path) if line.strip()]
 
 
-def measure(rows, schedules, out: str, remat: str, mesh, find_max: bool, flops: bool):
+def measure(rows, schedules, out: str, remat: str, mesh, find_max: bool, flops: bool, retry_oom: bool = True):
     seen = {key(r) for r in done_rows(out)}
     for row in rows:
         model, stage, topology = row.split(":", 2)
@@ -74,7 +74,7 @@ def measure(rows, schedules, out: str, remat: str, mesh, find_max: bool, flops: 
             cfg = config(model, stage, name, remat, mesh)
             t0 = time.time()
             r = aot.run(cfg, topology, "train", find_max=find_max, flops=flops,
-                        log=lambda s: print(s, flush=True))
+                        log=lambda s: print(s, flush=True), retry_oom=retry_oom)
             r.update(model=model, stage=stage, mesh_arg=list(mesh), max_batch=find_max,
                      wall_s=round(time.time() - t0, 1))
             with open(out, "a") as f:
@@ -103,9 +103,14 @@ def table(path: str) -> str:
               if b and r.get("model_flops_per_device") else "—")
         mesh = "×".join(str(v) for v in r["mesh"].values())
         mfu = "—" if r.get("est_mfu") is None else f"{r['est_mfu']:.2f}"
+        if r["bytes_per_device"] is not None:
+            total = g(r["bytes_per_device"]["total"])
+        else:  # not compiled again: the compiler's "required" figure from its message
+            req = (r.get("oom") or {}).get("required_bytes")
+            total = f"> HBM (compiler: {g(req)} temporaries)" if req else "> HBM"
         lines.append(
             f"| {r['model']} | {r['stage']} | {r['topology']} | {mesh} | {r['remat']} | {r['schedule']} "
-            f"| {r['batch_per_device']} | {g(r['bytes_per_device']['total'])} | {g(r['hbm_bytes_per_device'])} "
+            f"| {r['batch_per_device']} | {total} | {g(r['hbm_bytes_per_device'])} "
             f"| {'yes' if r['fits'] else 'no'} | {r.get('max_batch_per_device', '—')} "
             f"| {'—' if step is None else f'{step:.3f}'} | {ratio} | {fr} "
             f"| {mfu} "
@@ -121,12 +126,15 @@ def main(argv=None):
     ap.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor")
     ap.add_argument("--max-batch", action="store_true", help="also search the largest batch per chip")
     ap.add_argument("--no-flops", action="store_true", help="memory only (one compile per row)")
+    ap.add_argument("--no-retry", action="store_true",
+                    help="a program over HBM: keep the compiler's message, do not compile it again "
+                         "with xla_tpu_no_crash_on_oom (that second compile is slow at 7B)")
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--table", action="store_true", help="print the table of --out and stop")
     a = ap.parse_args(argv)
     if not a.table:
         measure(a.rows.split(","), a.schedules.split(","), a.out, a.remat,
-                tuple(int(x) for x in a.mesh.split(",")), a.max_batch, not a.no_flops)
+                tuple(int(x) for x in a.mesh.split(",")), a.max_batch, not a.no_flops, not a.no_retry)
     print(table(a.out))
 
 

@@ -169,10 +169,15 @@ def _is_oom(e: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e)
 
 
+LAST_OOM = {}  # the compiler's message of the last program that did not fit (see compile_program)
+
+
 def compile_program(fn, args, *, retry_oom: bool = True):
     """(compiled or None, fits, seconds). A program over HBM is compiled again with
-    `xla_tpu_no_crash_on_oom` so its figures can still be read (if `retry_oom`). Lowered
-    under the arguments' mesh, as `train.train` does (the Pallas attention's `shard_map`)."""
+    `xla_tpu_no_crash_on_oom` so its figures can still be read (if `retry_oom`; slow at 7B:
+    the compiler then keeps trying to fit). The compiler's own message is kept in `LAST_OOM`.
+    Lowered under the arguments' mesh, as `train.train` does (the Pallas attention's
+    `shard_map`)."""
     t0 = time.time()
     meshes = [x.sharding.mesh for x in jax.tree.leaves(args) if getattr(x, "sharding", None) is not None]
     with jax.set_mesh(meshes[0]):
@@ -182,9 +187,17 @@ def compile_program(fn, args, *, retry_oom: bool = True):
     except Exception as e:  # noqa: BLE001 (jax raises JaxRuntimeError; its home moves between versions)
         if not _is_oom(e):
             raise
+        LAST_OOM.clear()
+        LAST_OOM.update(message=str(e)[:4000], required_bytes=_required_bytes(str(e)))
     if not retry_oom:
         return None, False, time.time() - t0
     return lowered.compile(compiler_options=OOM_OPTIONS), False, time.time() - t0
+
+
+def _required_bytes(message: str):
+    """'... memory required for HLO temporaries (24.00G) exceeds available HBM (15.75G)' -> bytes."""
+    m = re.search(r"\(([\d.]+)([KMGT])\) exceeds available", message)
+    return None if not m else int(float(m.group(1)) * 1024 ** ("KMGT".index(m.group(2)) + 1))
 
 
 def memory(compiled) -> dict:
@@ -238,7 +251,7 @@ def model_flops(cfg, program_name: str, max_new_tokens: int) -> float:
 
 
 def report(cfg, topology: str, program_name: str, *, max_new_tokens: int = 32,
-           flops: bool = True, chip_devices=None) -> dict:
+           flops: bool = True, chip_devices=None, retry_oom: bool = True) -> dict:
     """Compile `program_name` for `topology`; -> the JSON report (see the module docstring)."""
     chip, devices = chip_devices or topology_devices(topology)
     mesh = topology_mesh(cfg, devices)
@@ -251,7 +264,17 @@ def report(cfg, topology: str, program_name: str, *, max_new_tokens: int = 32,
     cores = len({getattr(d, "core_on_chip", 0) for d in devices})
     c = CHIPS[chip]
     spec = Chip(c.peak_bf16 / cores, c.hbm_bytes // cores, c.hbm_bw / cores)
-    compiled, fits, compile_s = compile_program(*program(cfg, mesh, program_name, max_new_tokens))
+    compiled, fits, compile_s = compile_program(*program(cfg, mesh, program_name, max_new_tokens),
+                                                retry_oom=retry_oom)
+    if compiled is None:  # over HBM and not compiled again: the compiler's message is the figure
+        return dict(topology=topology, chip=chip, devices=len(devices), chips=len(devices) // cores,
+                    mesh=dict(mesh.shape), program=program_name, schedule=cfg.hidrop.get("name", "custom"),
+                    batch_per_device=cfg.train.batch_size // dp, max_len=cfg.data.max_len,
+                    remat=cfg.model.remat, dtype=cfg.model.dtype, trainable=cfg.train.trainable,
+                    bytes_per_device=None, hbm_bytes_per_device=spec.hbm_bytes, fits=False,
+                    compile_s=round(compile_s, 2), flops_per_device=None, bytes_accessed_per_device=None,
+                    est_step_s=None, est_mfu=None, oom=dict(LAST_OOM),
+                    model_flops_per_device=model_flops(cfg, program_name, max_new_tokens) / len(devices))
     mem = memory(compiled)
     out = dict(topology=topology, chip=chip, device_kind=devices[0].device_kind, devices=len(devices),
                chips=len(devices) // cores, mesh=dict(mesh.shape), program=program_name, schedule=cfg.hidrop.get("name", "custom"),
@@ -274,7 +297,8 @@ def report(cfg, topology: str, program_name: str, *, max_new_tokens: int = 32,
                    model_flops_per_device=mf,
                    compute_bound=f / spec.peak_bf16 >= b / spec.hbm_bw)
     else:
-        out.update(flops_per_device=None, bytes_accessed_per_device=None, est_step_s=None, est_mfu=None)
+        out.update(flops_per_device=None, bytes_accessed_per_device=None, est_step_s=None, est_mfu=None,
+                   model_flops_per_device=model_flops(cfg, program_name, max_new_tokens) / len(devices))
     return out
 
 
@@ -313,7 +337,7 @@ def max_batch(cfg, topology: str, program_name: str, *, max_new_tokens: int = 32
 
 
 def run(cfg, topology: str, program_name: str, *, find_max: bool = False, max_new_tokens: int = 32,
-        flops: bool = True, log=print) -> dict:
+        flops: bool = True, log=print, retry_oom: bool = True) -> dict:
     if program_name not in PROGRAMS:
         raise ValueError(f"--program {program_name!r} is not supported; allowed: {PROGRAMS}")
     schedule_lib.from_config(cfg)  # a bad schedule fails before any compile
@@ -327,12 +351,16 @@ def run(cfg, topology: str, program_name: str, *, find_max: bool = False, max_ne
         out.update(max_batch_per_device=best, max_batch_probes=probes)
         return out
     return report(cfg, topology, program_name, max_new_tokens=max_new_tokens, flops=flops,
-                  chip_devices=chip_devices)
+                  chip_devices=chip_devices, retry_oom=retry_oom)
 
 
 def summary(r: dict) -> str:
     g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
     m = r["bytes_per_device"]
+    if m is None:
+        return (f"{r['program']} {r['schedule']} on {r['topology']}, mesh {r['mesh']}, batch/device "
+                f"{r['batch_per_device']}: DOES NOT FIT ({r['compile_s']} s): "
+                + r["oom"]["message"].splitlines()[0][:300])
     s = (f"{r['program']} {r['schedule']} on {r['topology']} ({r['devices']} × {r['device_kind']}), mesh "
          f"{r['mesh']}, batch/device {r['batch_per_device']}: total {g(m['total'])} of {g(r['hbm_bytes_per_device'])} "
          f"HBM ({'fits' if r['fits'] else 'DOES NOT FIT'}; argument {g(m['argument'])}, output "
