@@ -2,6 +2,7 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TPU    := $(VENV)/.installed-tpu
 
 .PHONY: demo test bench clean
 
@@ -11,11 +12,16 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+$(TPU): $(STAMP) requirements-tpu.txt
+	$(PY) -m pip install -q -r requirements-tpu.txt
+	touch $(TPU)
+
+# the CPU demo: JAX must not look for a TPU even where libtpu is installed (after `make test`)
 demo: $(STAMP)
-	$(PY) -m hidrop_jax.demo
+	JAX_PLATFORMS=cpu $(PY) -m hidrop_jax.demo
 
 # pytest exits 5 when it collects no test: not a failure of the suite.
-test: $(STAMP)
+test: $(TPU)
 	$(PY) -m pytest -q -p no:cacheprovider; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 bench: $(STAMP)

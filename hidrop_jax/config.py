@@ -25,7 +25,7 @@ TEXT_ACTS = ("silu",)
 STRATEGIES = ("default", "full")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "minimal", "full")
-ATTENTION_IMPLS = (None, "xla", "cudnn")
+ATTENTION_IMPLS = (None, "xla", "cudnn", "pallas")
 
 
 def model_config(
@@ -60,7 +60,8 @@ def model_config(
         remat=remat,
         scan_unroll=scan_unroll,
         # jax.nn.dot_product_attention's implementation: None = XLA picks (cuDNN on GPU when the
-        # shapes allow), "xla", or "cudnn" (fails loudly where unsupported). Typed so that
+        # shapes allow), "xla", or "cudnn" (fails loudly where unsupported); "pallas" = the TPU
+        # flash kernel (hidrop_jax.layers.attention). Typed so that
         # --config.model.attention_impl=cudnn can override the None default.
         attention_impl=ml_collections.FieldReference(attention_impl, field_type=str),
     ))

@@ -18,17 +18,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hidrop_jax import model
 from hidrop_jax.batch import to_inputs
+from hidrop_jax.layers.common import BATCH_AXES, HEAD_AXES
 
 AXES = ("data", "fsdp", "tensor")
 
 # logical name -> mesh axis (or axes). Batch over data × fsdp; weights' model dim over fsdp
 # (ZeRO-3 style: gathered per layer inside the scan); heads / MLP / vocab over tensor.
 RULES = (
-    ("batch", ("data", "fsdp")),
+    ("batch", BATCH_AXES),
     ("layers", None),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
-    ("heads", "tensor"),
+    ("heads", HEAD_AXES),
     ("kv_heads", "tensor"),
     ("vocab", "tensor"),
     ("norm", None),
@@ -74,9 +75,11 @@ def param_shardings(cfg, mesh: Mesh, rules=RULES):
                         mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
-def check_not_replicated(shardings, shapes, mesh: Mesh, min_elements: int = 1 << 16) -> None:
+def check_not_replicated(shardings, shapes, mesh: Mesh, min_elements: int = 1 << 20) -> None:
     """With fsdp > 1 every large parameter must be split: a bad rules table would otherwise
-    silently replicate it on every device (and run out of memory at 7B)."""
+    silently replicate it on every device (and run out of memory at 7B). The default bar (1M
+    elements) lets the stacked norm scales and biases stay replicated (layers × width: 131K at
+    7B, which 1 << 16 refused, so no 7B run could start); a 7B weight matrix has ≥ 16M."""
     if mesh.shape["fsdp"] == 1 and mesh.shape["tensor"] == 1:
         return
     bad = []

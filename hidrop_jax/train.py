@@ -108,18 +108,22 @@ def make_train_step(cfg, tx):
 
 # ----------------------------------------------------------------------------- state & checkpoints
 
+def opt_shardings(tx, params, shardings, mesh):
+    """The optimizer state's shardings: moments as their parameters, scalars (Adam's count)
+    replicated. Single-device arrays would clash with the mesh in the jitted step (and cannot
+    be placed at all when processes share the mesh)."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731 (frozen parts' moments)
+    return optax.tree_utils.tree_map_params(
+        tx, lambda x, s: x if masked(x) else s, jax.eval_shape(tx.init, params), shardings,
+        transform_non_params=lambda _: replicated, is_leaf=masked)
+
+
 def init_state(cfg, mesh, tx):
     """Parameters initialised into their shardings, then the optimizer state beside them."""
     params, shardings = shard_lib.sharded_init(cfg, mesh, jax.random.PRNGKey(cfg.train.seed))
-    # Everything on the mesh: optimizer moments as their parameters, scalars (Adam's count, the
-    # step, the RNG) replicated. Single-device arrays would clash with the mesh in the jitted
-    # step (and cannot be placed at all when processes share the mesh).
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731 (frozen parts' moments)
-    opt_sh = optax.tree_utils.tree_map_params(
-        tx, lambda x, s: x if masked(x) else s, jax.eval_shape(tx.init, params), shardings,
-        transform_non_params=lambda _: replicated, is_leaf=masked)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings(tx, params, shardings, mesh))(params)
     step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), jax.random.PRNGKey(cfg.train.seed + 1)),
                         out_shardings=replicated)()
     return dict(params=params, opt_state=opt_state, step=step, rng=rng)
@@ -133,6 +137,28 @@ def check_init_from(cfg, path: str, kind_cfg=None) -> None:
     if diff:
         raise ValueError(f"train.init_from={path!r} ({kind}) has another architecture than "
                          f"--config: " + "; ".join(diff))
+
+
+def abstract_state(cfg, mesh, tx):
+    """`init_state`'s shapes, dtypes and shardings, nothing allocated (for ahead-of-time
+    compilation on devices this host does not have: `hidrop_jax.aot`)."""
+    params = abstract_params(cfg)
+    shardings = shard_lib.param_shardings(cfg, mesh)
+    shard_lib.check_not_replicated(shardings, params, mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
+    step, rng = jax.eval_shape(lambda: (jnp.zeros((), jnp.int32), jax.random.PRNGKey(0)))
+    return dict(params=jax.tree.map(sds, params, shardings),
+                opt_state=jax.tree.map(sds, jax.eval_shape(tx.init, params),
+                                       opt_shardings(tx, params, shardings, mesh)),
+                step=sds(step, replicated), rng=sds(rng, replicated))
+
+
+def jit_train_step(cfg, tx, state_shardings):
+    """The jitted train step that `train` runs and `hidrop_jax.aot` compiles: the state keeps
+    its shardings and is donated; the batch arrives sharded (`device_batch`)."""
+    return jax.jit(make_train_step(cfg, tx), in_shardings=(state_shardings, None, None),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
 def load_pretrained(cfg, state, path: str):
@@ -267,8 +293,7 @@ def train(cfg, workdir) -> dict:
         if cfg.train.get("init_vision"):
             state = load_vision(cfg, state, cfg.train.init_vision)
     state_sh = jax.tree.map(lambda x: x.sharding, state)
-    step_fn = jax.jit(make_train_step(cfg, tx), in_shardings=(state_sh, None, None),
-                      out_shardings=(state_sh, None), donate_argnums=(0,))
+    step_fn = jit_train_step(cfg, tx, state_sh)
     writer = _Writer(workdir, enabled=lead)
     metrics, t0, seen, compiled = {}, time.time(), 0, None
     bar = tqdm(total=t.steps, initial=start, disable=not lead, dynamic_ncols=True, desc="train")
@@ -278,7 +303,8 @@ def train(cfg, workdir) -> dict:
             batch = next(data_iter)
             inputs, targets = shard_lib.put_batch(batch, mesh)
             if compiled is None:  # compiled once, ahead of time, so its memory can be reported
-                compiled = step_fn.lower(state, inputs, targets).compile()
+                with jax.set_mesh(mesh):  # the Pallas attention's shard_map reads it
+                    compiled = step_fn.lower(state, inputs, targets).compile()
                 if lead:
                     log.info("train step memory: %s", memory_report(compiled))
             state, m = compiled(state, inputs, targets)

@@ -30,7 +30,7 @@ ORDER = [
     ("hidrop_jax.evaluate", "hidrop_jax.generate"),
     ("hidrop_jax.train",),
     # command lines and tools
-    ("hidrop_jax.convert", "hidrop_jax.analyze", "hidrop_jax.demo", "hidrop_jax.pretrain_tower",
+    ("hidrop_jax.aot", "hidrop_jax.convert", "hidrop_jax.analyze", "hidrop_jax.demo", "hidrop_jax.pretrain_tower",
      "hidrop_jax.xla_graph", "hidrop_jax.data.build"),
 ]
 # Stricter than the order: what each foundation may import at all.

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hidrop_jax.layers.common import INIT, dense, slice_layers, stacked
+from hidrop_jax.layers.common import INIT, constrain_batch, dense, slice_layers, stacked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +72,7 @@ class ClipEncoderLayer(nn.Module):
     def __call__(self, x):
         d = self.dims
         hd = d.hidden_size // d.num_heads
+        x = constrain_batch(x)
         h = _layer_norm(d, "layer_norm1")(x)
         q, k, v = (dense(d.hidden_size, ("embed", "heads"), use_bias=True, dtype=d.dtype, name=n)(h)
                    .reshape(*h.shape[:-1], d.num_heads, hd) for n in ("q_proj", "k_proj", "v_proj"))
@@ -80,7 +81,7 @@ class ClipEncoderLayer(nn.Module):
         h = _layer_norm(d, "layer_norm2")(x)
         h = dense(d.intermediate_size, ("embed", "mlp"), use_bias=True, dtype=d.dtype, name="fc1")(h)
         h = dense(d.hidden_size, ("mlp", "embed"), use_bias=True, dtype=d.dtype, name="fc2")(_act(d.hidden_act, h))
-        return x + h, None
+        return constrain_batch(x + h), None
 
 
 class ClipPostLayerNorm(nn.Module):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from hidrop_jax.layers.attention import attention
-from hidrop_jax.layers.common import INIT_STD, checkpoint_name, dense
+from hidrop_jax.layers.common import INIT_STD, checkpoint_name, constrain_batch, dense
 from hidrop_jax.layers.rope import apply_rope
 
 
@@ -139,12 +139,13 @@ class DecoderLayer(nn.Module):
         return self.self_attn.k_proj(h), self.self_attn.v_proj(h)
 
     def __call__(self, x, rope, pos, valid, bias=None, k_raw=None, v_raw=None):
+        x = constrain_batch(x)
         h = self.self_attn(self.input_layernorm(x), rope, pos, valid, bias, k_raw, v_raw,
                            self.return_kv)
         h, kv = h if self.return_kv else (h, None)
         x = x + checkpoint_name(h, "attn_out")
         h = self.mlp(self.post_attention_layernorm(x))
-        return x + checkpoint_name(h, "mlp_out"), kv
+        return constrain_batch(x + checkpoint_name(h, "mlp_out")), kv
 
     def decode(self, x, rope, pos, kv, k_pos, k_valid, index):
         """New tokens x [B, Q, D] against this layer's cache `kv` (see `LlamaAttention.decode`).

@@ -1,0 +1,142 @@
+"""LLaVA-1.5-7B/13B training compiled for 64-chip TPU slices on this CPU host: memory per chip,
+the largest batch that fits, roofline step time per HiDrop schedule (`hidrop_jax.aot`).
+
+    TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu python benchmarks/tpu_aot.py            # all rows
+    python benchmarks/tpu_aot.py --rows 7b:s2:v5p:4x4x4 --schedules vanilla,tok64 --max-batch
+    python benchmarks/tpu_aot.py --table                                        # print only
+
+Rows follow launch/README.md §5: stage 1 trains the projector (global batch 256, 128 text rows),
+stage 2 the projector and the LLM (batch 128, 1,472 text rows); both bf16 compute over float32
+master weights, `remat=full`, mesh (1, -1, 1) (FSDP over the slice). One image per sample.
+Each compile runs the real TPU compiler (libtpu) on the production train step; see
+`hidrop_jax.aot` for what every figure means. Results are appended to a JSON-lines file, one
+row at a time, and finished rows are skipped on a rerun: 7B compiles take minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from hidrop_jax import aot  # noqa: E402
+
+SCHEDULES = ("vanilla", "pdrop", "tok80", "tok64", "tok48")
+MODELS = {"7b": "configs/llava15_7b.py", "13b": "configs/llava15_13b.py"}
+STAGES = {  # launch/README.md §5
+    "s1": dict(trainable="projector", batch_size=256, max_len=128),
+    "s2": dict(trainable="projector+llm", batch_size=128, max_len=1472),
+}
+TOPOLOGIES = ("v5p:4x4x4", "v5e:8x8", "v4:4x4x4", "v6e:8x8")
+# most important first: 7B stage 2 on v5p and v5e, then the rest
+DEFAULT_ROWS = ([f"7b:s2:{t}" for t in ("v5p:4x4x4", "v5e:8x8")]
+                + [f"7b:s1:{t}" for t in ("v5p:4x4x4", "v5e:8x8")]
+                + [f"{m}:{s}:{t}" for m in ("7b", "13b") for s in ("s2", "s1") for t in TOPOLOGIES
+                   if not (m == "7b" and t in ("v5p:4x4x4", "v5e:8x8"))])
+OUT = os.path.join(ROOT, "benchmarks", "results", "tpu_aot.jsonl")
+
+
+def config(model: str, stage: str, schedule: str, remat: str = "full", mesh=(1, -1, 1)):
+    from benchmarks.flops import load_config
+    cfg = load_config(os.path.join(ROOT, MODELS[model]), f"schedule={schedule},dtype=bfloat16,remat={remat}")
+    st = STAGES[stage]
+    cfg.train.update(trainable=st["trainable"], batch_size=st["batch_size"], mesh=tuple(mesh))
+    cfg.data.max_len = st["max_len"]
+    return cfg
+
+
+def key(r: dict) -> tuple:
+    return (r["model"], r["stage"], r["topology"], r["schedule"], r["remat"], tuple(r["mesh_arg"]),
+            bool(r.get("max_batch")))
+
+
+def done_rows(path: str) -> list:
+    if not os.path.exists(path):
+        return []
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def measure(rows, schedules, out: str, remat: str, mesh, find_max: bool, flops: bool, retry_oom: bool = True):
+    seen = {key(r) for r in done_rows(out)}
+    for row in rows:
+        model, stage, topology = row.split(":", 2)
+        for name in schedules:
+            k = (model, stage, topology, name, remat, tuple(mesh), find_max)
+            if k in seen:
+                continue
+            cfg = config(model, stage, name, remat, mesh)
+            t0 = time.time()
+            r = aot.run(cfg, topology, "train", find_max=find_max, flops=flops,
+                        log=lambda s: print(s, flush=True), retry_oom=retry_oom)
+            r.update(model=model, stage=stage, mesh_arg=list(mesh), max_batch=find_max,
+                     wall_s=round(time.time() - t0, 1))
+            with open(out, "a") as f:
+                f.write(json.dumps(r) + "\n")
+            print(f"[{model} {stage}] {aot.summary(r)} (wall {r['wall_s']} s)", flush=True)
+
+
+def table(path: str) -> str:
+    rows = done_rows(path)
+    g = lambda b: f"{b / 2 ** 30:.1f}"  # noqa: E731
+    lines = ["| model | stage | slice | mesh | remat | schedule | batch/chip | GiB/chip (arg+out+temp−alias) "
+             "| HBM GiB | fits | largest batch/chip | est. step (s) | step vs vanilla | analytic FLOPs vs vanilla "
+             "| est. MFU | compile (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {}
+    for r in rows:
+        if r["schedule"] == "vanilla" and r.get("est_step_s"):
+            base[(r["model"], r["stage"], r["topology"], r["remat"], tuple(r["mesh_arg"]),
+                  r["batch_per_device"])] = r
+    for r in rows:
+        b = base.get((r["model"], r["stage"], r["topology"], r["remat"], tuple(r["mesh_arg"]),
+                      r["batch_per_device"]))
+        step = r.get("est_step_s")
+        ratio = f"{step / b['est_step_s']:.3f}" if b and step else "—"
+        fr = (f"{r['model_flops_per_device'] / b['model_flops_per_device']:.3f}"
+              if b and r.get("model_flops_per_device") else "—")
+        mesh = "×".join(str(v) for v in r["mesh"].values())
+        mfu = "—" if r.get("est_mfu") is None else f"{r['est_mfu']:.2f}"
+        if r["bytes_per_device"] is not None:
+            total = g(r["bytes_per_device"]["total"])
+        else:  # not compiled again: the compiler's "required" figure from its message
+            req = (r.get("oom") or {}).get("required_bytes")
+            total = f"> HBM (compiler: {g(req)} temporaries)" if req else "> HBM"
+        lines.append(
+            f"| {r['model']} | {r['stage']} | {r['topology']} | {mesh} | {r['remat']} | {r['schedule']} "
+            f"| {r['batch_per_device']} | {total} | {g(r['hbm_bytes_per_device'])} "
+            f"| {'yes' if r['fits'] else 'no'} | {r.get('max_batch_per_device', '—')} "
+            f"| {'—' if step is None else f'{step:.3f}'} | {ratio} | {fr} "
+            f"| {mfu} "
+            f"| {r['compile_s']}{'' if r.get('flops_compile_s') is None else ' + ' + str(r['flops_compile_s'])} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="MODEL:STAGE:TOPOLOGY, comma-separated")
+    ap.add_argument("--schedules", default=",".join(SCHEDULES))
+    ap.add_argument("--remat", default="full")
+    ap.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor")
+    ap.add_argument("--max-batch", action="store_true", help="also search the largest batch per chip")
+    ap.add_argument("--no-flops", action="store_true", help="memory only (one compile per row)")
+    ap.add_argument("--no-retry", action="store_true",
+                    help="a program over HBM: keep the compiler's message, do not compile it again "
+                         "with xla_tpu_no_crash_on_oom (that second compile is slow at 7B)")
+    ap.add_argument("--out", default=OUT)
+    ap.add_argument("--table", action="store_true", help="print the table of --out and stop")
+    a = ap.parse_args(argv)
+    if not a.table:
+        measure(a.rows.split(","), a.schedules.split(","), a.out, a.remat,
+                tuple(int(x) for x in a.mesh.split(",")), a.max_batch, not a.no_flops, not a.no_retry)
+    print(table(a.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,398 @@
+"""Compile the production programs for a TPU slice this host does not have: memory, FLOPs, roofline.
+
+    TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu python -m hidrop_jax.aot \
+        --config configs/llava15_7b.py:schedule=tok64,dtype=bfloat16,remat=full \
+        --topology v5p:4x4x4 --program train [--config.train.mesh='(1,-1,1)' \
+        --config.train.batch_size=128 --config.data.max_len=1472] [--max-batch] --out report.json
+
+libtpu (the `tpu` extra) describes the slice (`jax.experimental.topologies.get_topology_desc`)
+and the real TPU compiler compiles for it on this CPU host, as MaxText's `train_compile.py` does.
+What is compiled is the program the runs execute, built by the same functions from abstract
+parameters: `train.jit_train_step` over `train.abstract_state` (optimizer, shardings and rules
+as `train.train`), `generate.prefill`, and `generate.compiled` (prefill + decode loop). The batch
+is `train.batch_size` global rows of `data.max_len` text rows (+ one image each).
+
+Reported per device (JSON, field names stable):
+  bytes_per_device  argument / output / temp / alias bytes from the compiler's memory analysis;
+                    total = argument + output + temp − alias (donated state is counted once)
+  fits              the compiler's own verdict: it compiled within the chip's HBM. A program
+                    that does not fit is compiled again with `xla_tpu_no_crash_on_oom` to get
+                    its figures.
+  flops_per_device, bytes_accessed_per_device
+                    the compiler's cost analysis of the same program with every layer scan
+                    unrolled (`model.scan_unroll`): XLA counts a loop body once (DESIGN §4).
+                    Remat recompute is included. The decode `while_loop` of `generate` is still
+                    counted once: generate = prefill + one decode step.
+  est_step_s        roofline: max(FLOPs / peak bf16 FLOP/s, bytes accessed / HBM bandwidth);
+                    ICI collectives and host input are not modelled, so it is a lower bound.
+  est_mfu           model FLOPs (analytic, `model_flops`: no remat, 3× forward when training)
+                    per device / (est_step_s × peak).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import os
+import re
+import time
+
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # never ask a metadata server: no TPU here
+# other processes on this host may hold /tmp/libtpu_lockfile (any JAX started without
+# JAX_PLATFORMS=cpu takes it); compiling needs no exclusive TPU
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+if __name__ == "__main__":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU is only compiled for, never used
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+
+from hidrop_jax import generate as gen_lib  # noqa: E402
+from hidrop_jax import sharding as shard_lib  # noqa: E402
+from hidrop_jax import train as train_lib  # noqa: E402
+from hidrop_jax.config import feature_layers_run, n_vision_tokens, schedule_of  # noqa: E402
+from hidrop_jax.hidrop import schedule as schedule_lib  # noqa: E402
+from hidrop_jax.batch import Inputs, Targets  # noqa: E402
+from hidrop_jax.model import abstract_params  # noqa: E402
+
+PROGRAMS = ("train", "prefill", "generate")
+GiB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    peak_bf16: float   # FLOP/s per chip (dense bf16)
+    hbm_bytes: int     # HBM per chip
+    hbm_bw: float      # HBM bytes/s per chip
+
+
+# Public per-chip figures from the Cloud TPU system-architecture pages (TPU v4, v5e, v5p,
+# Trillium/v6e): peak bf16 275 / 197 / 459 / 918 TFLOP/s; HBM 32 / 16 / 95 / 32 GiB;
+# HBM bandwidth 1,200 / 819 / 2,765 / 1,640 GB/s. libtpu gives one device per chip for v5p (megacore),
+# two for v4 (one per TensorCore): `report` divides by the cores per chip.
+CHIPS = {
+    "v4": Chip(275e12, 32 * GiB, 1200e9),
+    "v5e": Chip(197e12, 16 * GiB, 819e9),
+    "v5p": Chip(459e12, 95 * GiB, 2765e9),
+    "v6e": Chip(918e12, 32 * GiB, 1640e9),
+}
+OOM_OPTIONS = {"xla_tpu_no_crash_on_oom": True}
+
+
+# ----------------------------------------------------------------------------- topology & mesh
+
+def topology_devices(topology: str):
+    """'v5p:4x4x4' -> (chip name, the slice's TPU devices), from libtpu's description."""
+    chip, sep, shape = topology.partition(":")
+    if chip not in CHIPS or not sep or not re.fullmatch(r"\d+(x\d+){1,2}", shape):
+        raise ValueError(f"--topology {topology!r} is not supported; allowed: CHIP:AxB or CHIP:AxBxC "
+                         f"with CHIP one of {tuple(CHIPS)} (e.g. v5p:4x4x4, v5e:8x8)")
+    try:
+        from jax.experimental import topologies
+        desc = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+    except ImportError:
+        raise
+    except Exception as e:  # libtpu's own refusal (e.g. a shape that no slice has)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--topology {topology!r}: libtpu rejects it ({first}); allowed: a slice "
+                         f"shape of that chip, e.g. v5p:2x2x1, v5p:4x4x4, v4:4x4x4, v5e:2x2, v5e:8x8, "
+                         f"v6e:8x8") from None
+    return chip, list(desc.devices)
+
+
+def topology_mesh(cfg, devices):
+    """`train.make_mesh`'s (data, fsdp, tensor) mesh over the slice's devices."""
+    try:
+        return shard_lib.make_mesh(tuple(cfg.train.mesh), devices)
+    except ValueError as e:
+        raise ValueError(f"config.train.mesh = {tuple(cfg.train.mesh)} does not fit the "
+                         f"{len(devices)} devices of the topology ({e}); allowed: three sizes "
+                         f"whose product is {len(devices)}, at most one of them -1") from None
+
+
+def data_parallel(mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+# ----------------------------------------------------------------------------- abstract inputs
+
+def abstract_batch(cfg, mesh, *, targets: bool):
+    """(Inputs, Targets | None) of ShapeDtypeStructs as `train.device_batch` makes them:
+    `train.batch_size` rows sharded over data × fsdp, shapes as `data.pipeline` documents."""
+    B, T, Q = cfg.train.batch_size, cfg.data.max_len, cfg.data.num_queries
+    v = cfg.model.vision
+    sh = shard_lib.batch_sharding(mesh)
+    a = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)  # noqa: E731
+    i32, b1 = jnp.int32, jnp.bool_
+    inputs = Inputs(text_ids=a((B, T), i32), text_pos=a((B, T), i32), text_valid=a((B, T), b1),
+                    image_slot=a((B,), i32), has_image=a((B,), b1),
+                    pixels=a((B, v.image_size, v.image_size, v.num_channels), jnp.float32))
+    if not targets:
+        return inputs, None
+    inputs = inputs._replace(query_idx=a((B, Q), i32), query_valid=a((B, Q), b1))
+    return inputs, Targets(a((B, T), i32), a((B, T), b1), a((B, T), i32), a((B, Q), i32), a((B,), b1))
+
+
+def sharded_params(cfg, mesh):
+    params = abstract_params(cfg)
+    shardings = shard_lib.param_shardings(cfg, mesh)
+    return jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), params, shardings)
+
+
+def program(cfg, mesh, name: str, max_new_tokens: int):
+    """(jitted function, abstract args): the production program `name` on `mesh`."""
+    if name == "train":
+        tx, _ = train_lib.make_optimizer(cfg.train, abstract_params(cfg))
+        state = train_lib.abstract_state(cfg, mesh, tx)
+        step = train_lib.jit_train_step(cfg, tx, jax.tree.map(lambda x: x.sharding, state))
+        return step, (state, *abstract_batch(cfg, mesh, targets=True))
+    params = sharded_params(cfg, mesh)
+    inputs, _ = abstract_batch(cfg, mesh, targets=False)
+    if name == "prefill":
+        fn = jax.jit(functools.partial(gen_lib.prefill, cfg, max_new_tokens=max_new_tokens))
+        return fn, (params, inputs)
+    if name == "generate":
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        s = lambda dtype, shape=(): jax.ShapeDtypeStruct(shape, dtype, sharding=rep)  # noqa: E731
+        fn = gen_lib.compiled(cfg.to_json(), max_new_tokens, False)  # greedy, as generate() runs it
+        return fn, (params, inputs, s(jnp.int32), s(jnp.int32), s(jnp.float32), s(jnp.float32),
+                    s(jnp.uint32, (2,)))
+    raise ValueError(f"--program {name!r} is not supported; allowed: {PROGRAMS}")
+
+
+# ----------------------------------------------------------------------------- compile & measure
+
+def _is_oom(e: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e)
+
+
+LAST_OOM = {}  # the compiler's message of the last program that did not fit (see compile_program)
+
+
+def compile_program(fn, args, *, retry_oom: bool = True):
+    """(compiled or None, fits, seconds). A program over HBM is compiled again with
+    `xla_tpu_no_crash_on_oom` so its figures can still be read (if `retry_oom`; slow at 7B:
+    the compiler then keeps trying to fit). The compiler's own message is kept in `LAST_OOM`.
+    Lowered under the arguments' mesh, as `train.train` does (the Pallas attention's
+    `shard_map`)."""
+    t0 = time.time()
+    meshes = [x.sharding.mesh for x in jax.tree.leaves(args) if getattr(x, "sharding", None) is not None]
+    with jax.set_mesh(meshes[0]):
+        lowered = fn.lower(*args)
+    try:
+        return lowered.compile(), True, time.time() - t0
+    except Exception as e:  # noqa: BLE001 (jax raises JaxRuntimeError; its home moves between versions)
+        if not _is_oom(e):
+            raise
+        LAST_OOM.clear()
+        LAST_OOM.update(message=str(e)[:4000], required_bytes=_required_bytes(str(e)))
+    if not retry_oom:
+        return None, False, time.time() - t0
+    return lowered.compile(compiler_options=OOM_OPTIONS), False, time.time() - t0
+
+
+def _required_bytes(message: str):
+    """'... memory required for HLO temporaries (24.00G) exceeds available HBM (15.75G)' -> bytes."""
+    m = re.search(r"\(([\d.]+)([KMGT])\) exceeds available", message)
+    return None if not m else int(float(m.group(1)) * 1024 ** ("KMGT".index(m.group(2)) + 1))
+
+
+def memory(compiled) -> dict:
+    ma = compiled.memory_analysis()
+    out = dict(argument=ma.argument_size_in_bytes, output=ma.output_size_in_bytes,
+               temp=ma.temp_size_in_bytes, alias=ma.alias_size_in_bytes)
+    out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    out["code"] = ma.generated_code_size_in_bytes
+    return out
+
+
+def cost(compiled) -> dict:
+    ca = compiled.cost_analysis()
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0]
+    return ca
+
+
+def unrolled(cfg):
+    """The same config with every layer scan unrolled (for the compiler's FLOP count)."""
+    c = copy.deepcopy(cfg)
+    c.model.scan_unroll = True
+    if "arg" in c:
+        c.arg.unroll = True
+    return c
+
+
+def model_flops(cfg, program_name: str, max_new_tokens: int) -> float:
+    """Analytic FLOPs of one step for the whole batch: HiDrop's real per-layer token counts,
+    the paper's layer cost F(n) = 4nd² + 2n²d + 3ndm (multiply-adds; full, not causal-halved,
+    attention), the LM head, the vision tower and projector; ×2 for FLOPs. Training: 3× the
+    forward of the projector, LLM and head (forward + backward), 1× the frozen tower; no remat.
+    Prefill scores one row; generate adds one decode token (the loop body XLA counts)."""
+    m, t = cfg.model, cfg.model.text
+    s = schedule_of(cfg)
+    B, T = cfg.train.batch_size, cfg.data.max_len
+    d, mlp, V = t.hidden_size, t.intermediate_size, t.vocab_size
+    llm = sum(schedule_lib.layer_flops(T + n, d, mlp) for n in s.tokens_per_layer())
+    v = m.vision
+    N, D, M = (v.image_size // v.patch_size) ** 2 + 1, v.hidden_size, v.intermediate_size
+    tower = feature_layers_run(m) * (4 * N * D * D + 2 * N * N * D + 2 * N * D * M) \
+        + (N - 1) * v.patch_size ** 2 * v.num_channels * D
+    proj = n_vision_tokens(m) * (D * d + d * d)
+    if program_name == "train":
+        macs = 3 * (llm + proj + T * d * V) + tower
+    else:
+        macs = llm + proj + tower + d * V
+        if program_name == "generate":  # one decode token against the cache
+            macs += t.num_layers * (4 * d * d + 3 * d * mlp) + d * V
+    return 2.0 * B * macs
+
+
+def report(cfg, topology: str, program_name: str, *, max_new_tokens: int = 32,
+           flops: bool = True, chip_devices=None, retry_oom: bool = True) -> dict:
+    """Compile `program_name` for `topology`; -> the JSON report (see the module docstring)."""
+    chip, devices = chip_devices or topology_devices(topology)
+    mesh = topology_mesh(cfg, devices)
+    dp = data_parallel(mesh)
+    if cfg.train.batch_size % dp:
+        raise ValueError(f"config.train.batch_size = {cfg.train.batch_size} is not divisible by "
+                         f"data × fsdp = {dp} of mesh {dict(mesh.shape)}; allowed: multiples of {dp}")
+    # libtpu describes v4 as two devices per chip (one per TensorCore, no megacore): each
+    # device then has half the chip's HBM, FLOP/s and bandwidth.
+    cores = len({getattr(d, "core_on_chip", 0) for d in devices})
+    c = CHIPS[chip]
+    spec = Chip(c.peak_bf16 / cores, c.hbm_bytes // cores, c.hbm_bw / cores)
+    compiled, fits, compile_s = compile_program(*program(cfg, mesh, program_name, max_new_tokens),
+                                                retry_oom=retry_oom)
+    if compiled is None:  # over HBM and not compiled again: the compiler's message is the figure
+        return dict(topology=topology, chip=chip, devices=len(devices), chips=len(devices) // cores,
+                    mesh=dict(mesh.shape), program=program_name, schedule=cfg.hidrop.get("name", "custom"),
+                    batch_per_device=cfg.train.batch_size // dp, max_len=cfg.data.max_len,
+                    remat=cfg.model.remat, dtype=cfg.model.dtype, trainable=cfg.train.trainable,
+                    bytes_per_device=None, hbm_bytes_per_device=spec.hbm_bytes, fits=False,
+                    compile_s=round(compile_s, 2), flops_per_device=None, bytes_accessed_per_device=None,
+                    est_step_s=None, est_mfu=None, oom=dict(LAST_OOM),
+                    model_flops_per_device=model_flops(cfg, program_name, max_new_tokens) / len(devices))
+    mem = memory(compiled)
+    out = dict(topology=topology, chip=chip, device_kind=devices[0].device_kind, devices=len(devices),
+               chips=len(devices) // cores, mesh=dict(mesh.shape), program=program_name, schedule=cfg.hidrop.get("name", "custom"),
+               batch_per_device=cfg.train.batch_size // dp, max_len=cfg.data.max_len,
+               remat=cfg.model.remat, dtype=cfg.model.dtype, trainable=cfg.train.trainable,
+               bytes_per_device=mem, hbm_bytes_per_device=spec.hbm_bytes, fits=fits,
+               compile_s=round(compile_s, 2))
+    if program_name == "generate":
+        out["max_new_tokens"] = max_new_tokens
+    if flops:
+        ucfg = unrolled(cfg)
+        t0 = time.time()
+        uc, _, _ = compile_program(*program(ucfg, mesh, program_name, max_new_tokens))
+        ca = cost(uc)
+        f, b = float(ca["flops"]), float(ca["bytes accessed"])
+        est = max(f / spec.peak_bf16, b / spec.hbm_bw)
+        mf = model_flops(cfg, program_name, max_new_tokens) / len(devices)
+        out.update(flops_per_device=f, bytes_accessed_per_device=b, flops_compile_s=round(time.time() - t0, 2),
+                   est_step_s=est, est_mfu=mf / (est * spec.peak_bf16) if est > 0 else None,
+                   model_flops_per_device=mf,
+                   compute_bound=f / spec.peak_bf16 >= b / spec.hbm_bw)
+    else:
+        out.update(flops_per_device=None, bytes_accessed_per_device=None, est_step_s=None, est_mfu=None,
+                   model_flops_per_device=model_flops(cfg, program_name, max_new_tokens) / len(devices))
+    return out
+
+
+def with_batch(cfg, per_device: int, mesh_dp: int):
+    c = copy.deepcopy(cfg)
+    c.train.batch_size = per_device * mesh_dp
+    return c
+
+
+def max_batch(cfg, topology: str, program_name: str, *, max_new_tokens: int = 32,
+              limit: int = 4096, log=print):
+    """Largest per-device batch (rows per data×fsdp shard) whose program fits: doubling from 1,
+    then bisection. -> (best or 0, probes [(per_device, fits, compile_s)])."""
+    chip_devices = topology_devices(topology)
+    mesh = topology_mesh(cfg, chip_devices[1])
+    dp = data_parallel(mesh)
+    probes = {}
+
+    def fits(b):
+        if b not in probes:
+            c = with_batch(cfg, b, dp)
+            _, ok, s = compile_program(*program(c, mesh, program_name, max_new_tokens), retry_oom=False)
+            probes[b] = (ok, round(s, 2))
+            log(f"  batch/device {b}: {'fits' if ok else 'does not fit'} ({s:.1f} s)")
+        return probes[b][0]
+
+    lo, hi = 0, 1
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    if hi > limit:
+        return lo, sorted((b, *v) for b, v in probes.items())
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, sorted((b, *v) for b, v in probes.items())
+
+
+def run(cfg, topology: str, program_name: str, *, find_max: bool = False, max_new_tokens: int = 32,
+        flops: bool = True, log=print, retry_oom: bool = True) -> dict:
+    if program_name not in PROGRAMS:
+        raise ValueError(f"--program {program_name!r} is not supported; allowed: {PROGRAMS}")
+    schedule_of(cfg)  # a bad schedule fails before any compile
+    chip_devices = topology_devices(topology)
+    if find_max:
+        best, probes = max_batch(cfg, topology, program_name, max_new_tokens=max_new_tokens, log=log)
+        dp = data_parallel(topology_mesh(cfg, chip_devices[1]))
+        cfg = with_batch(cfg, max(best, 1), dp)
+        out = report(cfg, topology, program_name, max_new_tokens=max_new_tokens, flops=flops,
+                     chip_devices=chip_devices)
+        out.update(max_batch_per_device=best, max_batch_probes=probes)
+        return out
+    return report(cfg, topology, program_name, max_new_tokens=max_new_tokens, flops=flops,
+                  chip_devices=chip_devices, retry_oom=retry_oom)
+
+
+def summary(r: dict) -> str:
+    g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+    m = r["bytes_per_device"]
+    if m is None:
+        return (f"{r['program']} {r['schedule']} on {r['topology']}, mesh {r['mesh']}, batch/device "
+                f"{r['batch_per_device']}: DOES NOT FIT ({r['compile_s']} s): "
+                + r["oom"]["message"].splitlines()[0][:300])
+    s = (f"{r['program']} {r['schedule']} on {r['topology']} ({r['devices']} × {r['device_kind']}), mesh "
+         f"{r['mesh']}, batch/device {r['batch_per_device']}: total {g(m['total'])} of {g(r['hbm_bytes_per_device'])} "
+         f"HBM ({'fits' if r['fits'] else 'DOES NOT FIT'}; argument {g(m['argument'])}, output "
+         f"{g(m['output'])}, temp {g(m['temp'])}, alias {g(m['alias'])}), compiled in {r['compile_s']} s")
+    if r.get("flops_per_device") is not None:
+        s += (f"; {r['flops_per_device'] / 1e12:.2f} TFLOP/device, est. step {r['est_step_s'] * 1e3:.1f} ms, "
+              f"est. MFU {r['est_mfu']:.2f}")
+    if "max_batch_per_device" in r:
+        s += f"; largest batch/device that fits: {r['max_batch_per_device']}"
+    return s
+
+
+def main(argv):
+    del argv
+    r = run(FLAGS.config, FLAGS.topology, FLAGS.program, find_max=FLAGS["max-batch"].value,
+            max_new_tokens=FLAGS["max-new-tokens"].value, flops=FLAGS.flops)
+    print(summary(r))
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            json.dump(r, f, indent=1)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+    FLAGS = flags.FLAGS
+    config_flags.DEFINE_config_file("config", None, "config file[:args]", lock_config=False)
+    flags.DEFINE_string("topology", None, "TPU slice, CHIP:AxB[xC], e.g. v5p:4x4x4, v5e:8x8")
+    flags.DEFINE_enum("program", "train", PROGRAMS, "which production program to compile")
+    flags.DEFINE_bool("max-batch", False, "search the largest per-device batch that fits")
+    flags.DEFINE_integer("max-new-tokens", 32, "decode steps the generation caches hold")
+    flags.DEFINE_bool("flops", True, "also compile the unrolled program for FLOPs / roofline")
+    flags.DEFINE_string("out", "", "write the JSON report here")
+    flags.mark_flags_as_required(["config", "topology"])
+    app.run(main)

@@ -1,0 +1,168 @@
+"""Ahead-of-time compilation for TPU slices on this CPU host (`hidrop_jax.aot`, libtpu).
+
+What could fail: the CLI drops a field; the byte total is not argument + output + temp − alias;
+`fits` disagrees with the chip's HBM; the compiled argument bytes are not the sharded optimizer
+state we think we hold (checked against an analytic count: Adam's two moments per sharded
+parameter); XLA's FLOPs order two schedules differently from the analytic formula; a bigger
+batch does not need more temporaries; `--max-batch` returns a batch that does not fit or one
+whose successor also fits; the 7B stage-2 program "fits" 4 v5e chips (16 GiB each: it cannot);
+bad topologies and meshes fail without a one-line reason.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                reason="libtpu is not installed (pip install -e .[tpu]): no TPU compiler")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "tests", "aot_config.py")
+FIELDS = ("topology", "chip", "devices", "mesh", "program", "schedule", "batch_per_device",
+          "bytes_per_device", "hbm_bytes_per_device", "fits", "flops_per_device",
+          "bytes_accessed_per_device", "compile_s", "est_step_s", "est_mfu")
+ENV = dict(os.environ, TPU_SKIP_MDS_QUERY="1", JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+
+
+def _config(arg="schedule=tok64"):
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import aot_config
+    return aot_config.get_config(arg)
+
+
+def _aot():
+    from hidrop_jax import aot
+    return aot
+
+
+def test_cli_writes_every_field(tmp_path):
+    out = tmp_path / "r.json"
+    p = subprocess.run([sys.executable, "-m", "hidrop_jax.aot", "--config", f"{CONFIG}:schedule=tok64",
+                        "--topology", "v5p:2x2x1", "--program", "train", "--config.train.batch_size=8",
+                        "--out", str(out)], env=ENV, cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert set(FIELDS) <= set(r), set(FIELDS) - set(r)
+    assert (r["topology"], r["chip"], r["devices"], r["program"], r["schedule"]) == \
+        ("v5p:2x2x1", "v5p", 4, "train", "tok64")
+    assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and r["batch_per_device"] == 2
+    m = r["bytes_per_device"]
+    assert m["total"] == m["argument"] + m["output"] + m["temp"] - m["alias"]
+    # the train state is donated: its output aliases its argument
+    assert 0 < m["alias"] <= min(m["argument"], m["output"])
+    assert r["hbm_bytes_per_device"] == 95 * 2 ** 30
+    assert r["fits"] and m["total"] <= r["hbm_bytes_per_device"]
+    assert r["flops_per_device"] > 0 and r["bytes_accessed_per_device"] > 0
+    peak, bw = 459e12, 2765e9  # v5p, public spec
+    assert r["est_step_s"] == pytest.approx(max(r["flops_per_device"] / peak,
+                                                r["bytes_accessed_per_device"] / bw))
+    assert 0 < r["est_mfu"] <= 1
+
+
+@pytest.mark.slow
+def test_argument_bytes_are_the_sharded_optimizer_state():
+    """argument(train everything) − argument(train the projector only) = Adam's mu and nu of the
+    vision tower and the LLM, sharded 4 ways (the batch and the rest cancel)."""
+    import jax
+    from hidrop_jax import sharding as shard_lib
+    from hidrop_jax.model import abstract_params
+    aot = _aot()
+    chip, devices = aot.topology_devices("v5p:2x2x1")
+    args = {}
+    for trainable in ("all", "projector"):
+        cfg = _config()
+        cfg.train.trainable = trainable
+        mesh = aot.topology_mesh(cfg, devices)
+        compiled, fits, _ = aot.compile_program(*aot.program(cfg, mesh, "train", 32))
+        assert fits
+        args[trainable] = aot.memory(compiled)["argument"]
+    shardings = shard_lib.param_shardings(cfg, mesh)
+    params = abstract_params(cfg)
+    shard_bytes = 0
+    for part in ("vision", "text"):
+        for a, s in zip(jax.tree.leaves(params[part]), jax.tree.leaves(shardings[part])):
+            shard = [dim // (int(np.prod([mesh.shape[n] for n in ((ax,) if isinstance(ax, str) else ax)]))
+                             if ax else 1) for dim, ax in zip(a.shape, tuple(s.spec) + (None,) * a.ndim)]
+            shard_bytes += int(np.prod(shard)) * a.dtype.itemsize
+    moments = 2 * shard_bytes
+    assert args["all"] - args["projector"] == pytest.approx(moments, rel=0.02)
+
+
+@pytest.mark.slow
+def test_bigger_batch_needs_more_temporaries():
+    aot = _aot()
+    chip, devices = aot.topology_devices("v5p:2x2x1")
+    temp = []
+    for batch in (4, 16):
+        cfg = _config()
+        cfg.train.batch_size = batch
+        compiled, _, _ = aot.compile_program(*aot.program(cfg, aot.topology_mesh(cfg, devices), "train", 32))
+        temp.append(aot.memory(compiled)["temp"])
+    assert temp[1] > 2 * temp[0], temp
+
+
+@pytest.mark.slow
+def test_flops_follow_the_schedules_analytic_order():
+    """XLA's FLOPs of the unrolled prefill: Tok64 does less than vanilla, and the saving is the
+    analytic one (`schedule.layer_flops` over the per-layer token counts) within 10%."""
+    from hidrop_jax.config import schedule_of
+    from hidrop_jax.hidrop import schedule as schedule_lib
+    aot = _aot()
+    chip, devices = aot.topology_devices("v5p:2x2x1")
+    flops, analytic = {}, {}
+    for name in ("vanilla", "tok64"):
+        cfg = aot.unrolled(_config(f"schedule={name}"))
+        cfg.data.max_len = 16  # vision tokens dominate, so the schedules differ clearly
+        compiled, _, _ = aot.compile_program(*aot.program(cfg, aot.topology_mesh(cfg, devices), "prefill", 4))
+        flops[name] = float(aot.cost(compiled)["flops"])
+        t = cfg.model.text
+        s = schedule_of(cfg)
+        analytic[name] = sum(schedule_lib.layer_flops(16 + n, t.hidden_size, t.intermediate_size)
+                             for n in s.tokens_per_layer())
+    assert flops["tok64"] < flops["vanilla"]
+    saved_xla = 1 - flops["tok64"] / flops["vanilla"]
+    saved_formula = 1 - analytic["tok64"] / analytic["vanilla"]
+    assert saved_xla > 0.5 * saved_formula, (saved_xla, saved_formula)  # tower/head dilute it
+
+
+@pytest.mark.slow
+def test_max_batch_fits_and_the_next_does_not():
+    """On v5e (16 GiB) with 4,096 text rows the attention logits bound the batch to a few rows."""
+    aot = _aot()
+    cfg = _config("schedule=vanilla")
+    cfg.data.max_len = 4096
+    cfg.train.mesh = (-1, 1, 1)
+    best, probes = aot.max_batch(cfg, "v5e:2x2", "prefill", max_new_tokens=4, log=lambda *_: None)
+    seen = {b: ok for b, ok, _ in probes}
+    assert best >= 1 and seen[best] and not seen[best + 1], probes
+
+
+@pytest.mark.slow
+def test_7b_stage2_does_not_fit_four_v5e_chips():
+    aot = _aot()
+    sys.path.insert(0, ROOT)
+    from configs import llava15_7b
+    cfg = llava15_7b.get_config("schedule=tok64,dtype=bfloat16,remat=full")
+    cfg.train.update(batch_size=4, mesh=(1, -1, 1))
+    cfg.data.max_len = 1472
+    r = aot.report(cfg, "v5e:2x2", "train", flops=False)
+    # 7B float32 weights + Adam moments alone are 7e9 × 12 B / 4 chips ≈ 20 GB > 16 GiB
+    assert not r["fits"]
+    assert r["bytes_per_device"]["total"] > r["hbm_bytes_per_device"]
+
+
+def test_bad_topology_and_mesh_name_the_value():
+    aot = _aot()
+    with pytest.raises(ValueError, match=r"--topology 'v9x:2x2'.*allowed.*v5p"):
+        aot.topology_devices("v9x:2x2")
+    with pytest.raises(ValueError, match=r"--topology 'v5p:3'.*allowed"):
+        aot.topology_devices("v5p:3")
+    cfg = _config()
+    cfg.train.mesh = (2, 3, 1)
+    with pytest.raises(ValueError, match=r"train.mesh = \(2, 3, 1\).*4 devices.*allowed.*product is 4"):
+        aot.topology_mesh(cfg, aot.topology_devices("v5p:2x2x1")[1])
