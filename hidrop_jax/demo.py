@@ -89,8 +89,10 @@ def main(argv=None):
     print("[4/4] exporting to Hugging Face format and evaluating it with PyTorch")
     hf_dir = work / "hf"
     save_hf(cfg, jax.device_get(params), hf_dir, tokenizer=tok, overwrite=True)
-    report["torch_vanilla"] = evaluate_torch(hf_dir, eval_src, tok, spec, max_batches=nb)
-    report["torch_hidrop"] = evaluate_torch(hf_dir, eval_src, tok, spec, max_batches=nb, hidrop=True)
+    bs = cfg.train.batch_size  # the same batches as the JAX evaluation, answer for answer
+    report["torch_vanilla"] = evaluate_torch(hf_dir, eval_src, tok, spec, batch_size=bs, max_batches=nb)
+    report["torch_hidrop"] = evaluate_torch(hf_dir, eval_src, tok, spec, batch_size=bs, max_batches=nb,
+                                            hidrop=True)
     report["total_seconds"] = round(time.time() - t0, 1)
     (work / "demo_report.json").write_text(json.dumps(report, indent=1))
 

@@ -86,7 +86,7 @@ def ilvas_curves(sums, ns, L, window):
     return out
 
 
-def asas_list(x):
+def as_list(x):
     return [None if not np.isfinite(v) else float(v) for v in np.asarray(x, np.float64)]
 
 
