@@ -40,6 +40,14 @@ def quiet(verbose: bool) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")
 
 
+def _quiet_threads() -> None:
+    """After a user error, background threads of the libraries (orbax's async restore) die with
+    follow-on tracebacks ("Event loop is closed") that bury the one line that matters."""
+    import threading
+    threading.excepthook = lambda args: None
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
 def _report(e: BaseException) -> None:
     msg = str(e).strip() or type(e).__name__
     if isinstance(e, FileNotFoundError) and e.filename and str(e.filename) not in msg:
@@ -47,16 +55,25 @@ def _report(e: BaseException) -> None:
     print(f"error: {msg}", file=sys.stderr)
 
 
+def _hide_unraisable(debug: bool) -> None:
+    """Exceptions Python cannot raise anywhere (e.g. tensorstore calling back into an event loop
+    that a failed orbax restore already closed) print as tracebacks: only with `--debug`."""
+    if not debug:
+        sys.unraisablehook = lambda unraisable: None
+
+
 def run(main, argv=None) -> None:
     """Runs an argparse `main(argv)` with `--debug` / `--verbose` taken out of argv."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug, verbose = _take(argv, "--debug"), _take(argv, "--verbose")
     quiet(verbose)
+    _hide_unraisable(debug)
     try:
         main(argv)
     except USER_ERRORS as e:
         if debug:
             raise
+        _quiet_threads()
         _report(e)
         sys.exit(2)
 
@@ -66,6 +83,7 @@ def run_absl(main) -> None:
     from absl import app
     debug, verbose = _take(sys.argv, "--debug"), _take(sys.argv, "--verbose")
     quiet(verbose)
+    _hide_unraisable(debug)
 
     def guarded(argv):
         try:
@@ -73,6 +91,7 @@ def run_absl(main) -> None:
         except USER_ERRORS as e:
             if debug:
                 raise
+            _quiet_threads()
             _report(e)
             sys.exit(2)
     app.run(guarded)
