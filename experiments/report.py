@@ -17,6 +17,8 @@ from pathlib import Path
 
 from experiments.tables import TABLES
 
+DEFAULT_STEPS = 1500  # experiments/run.py's; its reason is written in the report
+
 QTYPES = ("color", "shape", "count", "exist", "position")
 CHANCE = dict(color=1 / 6, shape=1 / 5, position=1 / 4, exist=1 / 2)  # count: its answer prior
 # Seconds per training step on this 2-core machine when idle, from `make demo` (README, measured
@@ -336,12 +338,18 @@ def write_report(setup, out: Path, seeds) -> Path:
         "",
         "## Budget",
         "",
-        f"{setup.steps} steps of {16} samples per row (the demo trains 2,500). Chosen so one seed of the "
-        "methods table (9 trained models, 2 training-free evaluations, one `analyze`) fits in about 2 hours "
-        "of an otherwise idle 2-core machine: step times from `make demo` (Tok64 0.29 s, vanilla 0.70 s "
-        "per step) times the measured ratios below put the methods table's training at ~2.9 s per step "
-        "summed over its rows, plus ~1 min start and ~1 min test evaluation per row. All rows get the "
-        "same budget; nothing was tuned per row.",
+        *([] if setup.steps == DEFAULT_STEPS else [
+            f"**This report is for a {setup.steps}-step budget, not the default {DEFAULT_STEPS}; the "
+            "reasoning below is the default's.**", ""]),
+        f"{setup.steps} steps of {setup.batch} samples per row, for every row (the demo trains 2,500). "
+        "Chosen so that one seed of the methods table fits in about 2 hours of an otherwise idle "
+        "2-core machine: its 9 trained models at the step times `make demo` measured here (Tok64 "
+        "0.29 s, vanilla 0.70 s per step) scaled by the timing pass's ratios sum to ~3.4 s per step "
+        "(estimated before the pass: vanilla 1, PyramidDrop/FastV ~0.7, the ~25-token rows ~0.45 "
+        "of vanilla's step), i.e. ~85 min for 1,500 steps, plus ~2 min per row to start, compile and "
+        "evaluate on the test split and one `analyze` (~20 min): ~1 h 45 min. "
+        f"With the measured ratios the estimate is ~{_minutes(per_seed['methods'])} per seed. 2,000 steps "
+        "would take ~2 h 15 min; 1,500 keeps a margin for the shared machine. Nothing was tuned per row.",
         "",
         "Columns: accuracy = answers right / answers (teacher-forced, all answer tokens must be right); "
         "% of vanilla = mean / mean of `methods/vanilla`; per question type mean ± std (chance: colour "

@@ -48,7 +48,7 @@ from experiments.tables import TABLES, Row, apply_sets, rows as table_rows, trai
 DEFAULT_CONFIG = "configs/tiny_shapes.py"
 # The budget of every row (see RESULTS.md "Budget"): one seed of the methods table fits in ~2 h
 # of an otherwise idle 2-core machine.
-DEFAULT_STEPS = 1500
+from experiments.report import DEFAULT_STEPS  # noqa: E402  (the reason is written in RESULTS.md)
 DEFAULT_SEEDS = (0, 1, 2)
 PY = sys.executable
 
@@ -67,6 +67,7 @@ class Setup:
         self.num_layers, self.n_vision = cfg.model.text.num_layers, n_vision_tokens(cfg.model)
         self.data_name, self.warmup = cfg.data.name, cfg.train.warmup_steps
         self.width, self.mlp = cfg.model.text.hidden_size, cfg.model.text.intermediate_size
+        self.batch = cfg.train.batch_size
         tag = f"{Path(config.partition(':')[0]).stem}-{steps}"
         if self.sets:
             tag += "-" + hashlib.sha1("\n".join(sorted(self.sets)).encode()).hexdigest()[:8]
@@ -393,7 +394,7 @@ def _commit() -> str:
     return r.stdout.strip()
 
 
-def run_table(setup: Setup, table: str, seeds, only=None, jobs: int = 1) -> None:
+def run_table(setup: Setup, table: str, seeds, only=None, jobs: int = 1, timing_only: bool = False) -> None:
     rows = setup.rows(table)
     if only:
         unknown = sorted(set(only) - {r.name for r in rows})
@@ -404,6 +405,8 @@ def run_table(setup: Setup, table: str, seeds, only=None, jobs: int = 1) -> None
     # the static schedules' timing first, all in one process (side by side)
     ensure_timing(setup, {train_key(r.train): r.train for r in rows if r.train is not None}
                   | ({"vanilla": {"name": "vanilla"}} if any(r.base for r in rows) else {}))
+    if timing_only:
+        return
     units = [(r, s) for s in seeds for r in rows]
 
     def one(u):
@@ -441,6 +444,7 @@ def main(argv=None):
                     help="an extra --config.FIELD=VALUE for every training run (part of the budget tag)")
     ap.add_argument("--root", default=str(HERE), help="where runs/ and results/ live")
     ap.add_argument("--timing-repeats", type=int, default=10)
+    ap.add_argument("--timing-only", action="store_true", help="only the table's timing pass")
     ap.add_argument("--out", default=str(ROOT / "RESULTS.md"), help="--report: the Markdown file")
     a = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, _on_term)
@@ -452,7 +456,8 @@ def main(argv=None):
         return
     print(f"{a.table}: budget {setup.budget} ({a.steps} steps), seeds {seeds}; runs in {setup.runs}",
           flush=True)
-    run_table(setup, a.table, seeds, [r for r in a.rows.split(",") if r] or None, a.jobs)
+    run_table(setup, a.table, seeds, [r for r in a.rows.split(",") if r] or None, a.jobs,
+              timing_only=a.timing_only)
 
 
 if __name__ == "__main__":

@@ -159,3 +159,41 @@ def test_report_shows_finished_and_pending_rows_and_the_pareto_plot(finished, tm
     png = finished / "results" / "pareto.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert f"]({os.path.relpath(png, tmp_path)})" in md
+
+
+def test_verdicts_follow_the_numbers(tmp_path):
+    """Synthetic results with differences far beyond / far within their noise: each verdict is
+    the one the paired 2-SE rule must give (seeds 0..3; noise ±0.002 per seed, in another order per row)."""
+    from experiments.report import write_report
+    from experiments.run import Setup, append_line
+    setup = Setup("configs/tiny_shapes.py", 2, [], tmp_path)  # 8 layers: sweeps of 5 points
+    wiggle = (0.002, -0.002, 0.001, -0.001)
+    acc = dict(vanilla=0.50, tok64=0.56, tok48=0.40, pdrop_matched=0.45, fastv_matched=0.44,
+               hard=0.56, persistent=0.56, **{"relaxed_t0.1": 0.50, "relaxed_t1": 0.56},
+               group=0.5605, compacted=0.5595)
+    for table in ("methods", "ablations"):
+        for i, row in enumerate(setup.rows(table)):
+            for seed in range(4):
+                w = wiggle[(seed + i) % 4]  # each row its own order: paired differences vary
+                a = acc.get(row.name, 0.5)
+                if row.ablation == "inject":  # flat up to Tok64's layer 2, then falling
+                    a = 0.56 if row.x <= 2 else 0.56 - 0.05 * (row.x - 2)
+                if row.ablation == "exit":  # within noise everywhere
+                    a = 0.56
+                a += w
+                append_line(setup.results / f"{table}.jsonl", dict(
+                    table=table, row=row.name, seed=seed, budget=setup.budget, accuracy=a,
+                    per_type={"color": a}, mean_vision_tokens=10.0, flops_ratio=0.5))
+    md = write_report(setup, tmp_path / "R.md", [0, 1, 2, 3]).read_text()
+    verdict = {l.split("|")[1].strip(): l.split("|")[2].strip() for l in md.splitlines()
+               if l.startswith("| ") and "**" in l}
+    assert verdict["HiDrop Tok64 keeps 98.3% of vanilla"].startswith("**holds, but disagrees in direction")
+    assert verdict["HiDrop Tok48 keeps 96.5% of vanilla"] == "**does not hold**"
+    assert verdict["HiDrop beats PyramidDrop and FastV at equal mean tokens"] == "**holds**"
+    assert verdict["the relaxed top-k beats a hard top-k (99.7% vs 97.7%)"] == "**does not hold**"
+    assert verdict["persistent positions beat group and compacted (97.6 / 97.0 / 96.4%)"].startswith(
+        "**cannot tell at this scale")
+    assert verdict["moving to later injection costs little until a plateau ends"] == "**holds**"
+    assert verdict["moving to earlier exit costs little until a plateau ends"].startswith("**cannot tell at this scale")
+    rows = [l for l in md.split("## Accuracy")[0].splitlines() if l.startswith("| ") and "row |" not in l]
+    assert len(rows) == len(setup.rows("methods")) + len(setup.rows("ablations")) and all(l.endswith("| done |") for l in rows)  # every row, 4 seeds
