@@ -96,7 +96,8 @@ def timing_for(setup, row):
 
 
 def expected_seconds(setup, data, table, row, eval_s) -> float | None:
-    """One seed of `row` on an idle 2-core machine, its dependencies included when not done."""
+    """One seed of `row` on an idle 2-core machine: its own work (a training-free row or the
+    proposal row also needs the vanilla model of that seed, counted in vanilla's row)."""
     ratio = timing_for(setup, row)
     if row.from_proposal:
         ratio = 0.5  # unknown before analyze proposes; HiDrop-like schedules measure ~0.4–0.5
@@ -143,7 +144,9 @@ def table_md(setup, data, table, seeds, vanilla, eval_s, only_group=None) -> lis
             cmd = (f"`python experiments/run.py --table {table} --rows {name} --seeds "
                    f"{','.join(map(str, missing))} --steps {setup.steps}`")
             est = expected_seconds(setup, data, table, row, eval_s)
-            status = f"pending: seeds {','.join(map(str, missing))}; {cmd} (~{_minutes(est)} per seed)"
+            after = " after vanilla's" if row.base else ""
+            status = (f"pending: seeds {','.join(map(str, missing))}; {cmd} (~{_minutes(est)} per seed"
+                      f"{after})")
         else:
             status = "done"
         if errors:
