@@ -335,6 +335,11 @@ def write_report(setup, out: Path, seeds) -> Path:
         f".venv/bin/python experiments/run.py --report --steps {setup.steps}   # this file",
         "```",
         "",
+        "The rows use the demo's tower (`assets/tiny_shapes_clip`, no position in its tokens). Once a "
+        "tower that keeps position is validated (`assets/tiny_shapes_clip_pos`, BENCHMARKS.md), the "
+        "same tables with it: add `--set train.init_vision=assets/tiny_shapes_clip_pos` to every "
+        "command (a budget tag of its own; these results stay).",
+        "",
         f"Expected time per seed on this 2-core machine when idle: methods ~{_minutes(per_seed['methods'])}, "
         f"ablations ~{_minutes(per_seed['ablations'])} (rows shared with methods counted again; "
         "see each pending row).",
