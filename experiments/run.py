@@ -294,7 +294,7 @@ def ensure_timing(setup: Setup, schedules: dict) -> None:
     todo = {k: f for k, f in schedules.items() if timing_ratio(setup, k, f) is None}
     if not todo:
         return
-    with locked(setup.results / "timing.lock"):
+    with locked(setup.runs / "timing.lock"):
         todo = {k: f for k, f in todo.items() if timing_ratio(setup, k, f) is None}
         if not todo:
             return
