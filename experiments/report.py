@@ -312,8 +312,8 @@ def write_report(setup, out: Path, seeds) -> Path:
     rel_png = os.path.relpath(png, out.parent.absolute())
     timing = [r for r in read_lines(setup.results / "timing.jsonl")]
     n_units = sum(len(seeds) for t in data.values() for _ in t)
-    per_seed = {t: sum(expected_seconds(setup, data, t, e["row"], eval_s) or 0 for e in data[t].values())
-                for t in TABLES}
+    est = {t: [expected_seconds(setup, data, t, e["row"], eval_s) for e in data[t].values()] for t in TABLES}
+    per_seed = {t: None if None in v else sum(v) for t, v in est.items()}  # None: no timing pass yet
     L = [
         "# Does HiDrop's story hold? (issue 19)",
         "",
@@ -340,7 +340,8 @@ def write_report(setup, out: Path, seeds) -> Path:
         "same tables with it: add `--set train.init_vision=assets/tiny_shapes_clip_pos` to every "
         "command (a budget tag of its own; these results stay).",
         "",
-        f"Expected time per seed on this 2-core machine when idle: methods ~{_minutes(per_seed['methods'])}, "
+        f"Expected time per seed on this 2-core machine when idle (\"?\": the table's timing pass has "
+        f"not run yet): methods ~{_minutes(per_seed['methods'])}, "
         f"ablations ~{_minutes(per_seed['ablations'])} (rows shared with methods counted again; "
         "see each pending row).",
         "",
