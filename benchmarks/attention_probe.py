@@ -137,14 +137,19 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--images", type=int, default=1600, help="training images (validation: 300)")
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--tower", default="", help="a HF CLIPVisionModel directory to probe "
+                    "(default: the demo's, assets/tiny_shapes_clip)")
+    ap.add_argument("--position-only", action="store_true", help="only the position R² (no heads)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/attention_probe.json"))
     a = ap.parse_args(argv)
     import configs.tiny_shapes as tiny
     cfg = tiny.get_config()
+    if a.tower:
+        cfg.train.init_vision = str(Path(a.tower).resolve())
     t0 = time.time()
     (f_tr, o_tr), (f_va, o_va) = features(cfg, "train", a.images), features(cfg, "validation", 300)
     rows = []
-    for std in (float(s) for s in a.stds.split(",")):
+    for std in (() if a.position_only else (float(s) for s in a.stds.split(","))):
         for by, asks in (("kind", "colour"), ("color", "kind")):
             curve = probe((f_tr, questions(o_tr, by)), (f_va, questions(o_va, by)), by, std,
                           a.steps, cfg.model.text.hidden_size, a.lr)
@@ -154,7 +159,7 @@ def main(argv=None):
     pos = position_r2(f_tr)
     print(f"position of a token's patch from the token (linear, held-out R²): row {pos['row']:.3f}, "
           f"column {pos['column']:.3f}")
-    out = dict(command=" ".join(sys.argv), images=len(f_tr), validation_images=len(f_va),
+    out = dict(command=" ".join(sys.argv), tower=cfg.train.init_vision, images=len(f_tr), validation_images=len(f_va),
                seconds=round(time.time() - t0, 1), rows=rows, position_r2=pos)
     Path(a.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {a.out} ({out['seconds']} s)")

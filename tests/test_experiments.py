@@ -1,0 +1,199 @@
+"""experiments/: the tables' rows, the resumable runner and the report (issue 19).
+
+The runner is exercised as users run it (a subprocess per invocation) on tests/tiny_config.py
+(4 layers, 16 vision tokens, a 64/16/16-example shapes_vqa) with a 2-step budget."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # experiments/ is scripts beside the package, as benchmarks/
+
+from experiments import tables  # noqa: E402
+from hidrop_jax.hidrop.schedule import preset  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- rows (no training)
+
+@pytest.mark.parametrize("L,N", [(8, 144), (4, 16), (32, 576)])
+def test_every_row_is_a_valid_schedule_and_shared_models_share_a_run(L, N):
+    rows = {t: {r.name: r for r in tables.rows(t, L, N)} for t in tables.TABLES}
+    for t in rows.values():
+        for r in t.values():
+            if r.train is not None:
+                f = {k: v for k, v in r.train.items() if k != "name"}
+                preset(r.train["name"], L, N, **f)  # validates (raises on a bad layout)
+    tok64 = tables.train_key(rows["methods"]["tok64"].train)
+    # the ablations' reference rows are the methods table's Tok64 model, not a retraining
+    for name in ("hard", "persistent", f"inject{preset('tok64', L, N).inject_layer}",
+                 f"exit{preset('tok64', L, N).exit}"):
+        assert tables.train_key(rows["ablations"][name].train) == tok64, name
+    keys = [tables.train_key(r.train) for r in rows["ablations"].values() if r.train]
+    assert len(set(keys)) == len(keys) - 3  # only those three repeat
+
+
+def test_matched_baselines_have_tok64s_mean_tokens():
+    """At Tok64's mean tokens per layer (the paper compares at equal mean tokens); counted here
+    from the per-layer token list, independently of the helpers' arithmetic."""
+    for L, N in ((8, 144), (32, 576)):
+        target = preset("tok64", L, N).mean_tokens()
+        m = {r.name: r for r in tables.rows("methods", L, N)}
+        for name in ("pdrop_matched", "fastv_matched"):
+            f = dict(m[name].train)
+            s = preset(f.pop("name"), L, N, **f)
+            assert abs(sum(s.tokens_per_layer()) / L - target) <= 1.0, (name, s.tokens_per_layer())
+
+
+def test_sweeps_move_one_layer_and_keep_the_rest():
+    L, N = 8, 144
+    t64 = preset("tok64", L, N)
+    ab = [r for r in tables.rows("ablations", L, N) if r.ablation in ("inject", "exit")]
+    assert {r.x for r in ab if r.ablation == "inject"} == set(range(0, t64.exit - 1))
+    assert {r.x for r in ab if r.ablation == "exit"} == set(range(t64.inject_layer + 2, L + 1))
+    for r in ab:
+        f = dict(r.train)
+        s = preset(f.pop("name"), L, N, **f)
+        if r.ablation == "inject":
+            assert (s.inject_layer, s.exit) == (r.x, t64.exit)
+        else:
+            assert (s.inject_layer, s.exit) == (t64.inject_layer, r.x)
+        # the kept counts are Tok64's, in order, as far as the cuts fit
+        assert s.keep == t64.keep[:len(s.keep)] and len(s.keep) >= 1
+
+
+# ----------------------------------------------------------------------------- the runner
+
+def _run(root, *args, steps=2, timeout=900, **kw):
+    cmd = [sys.executable, str(ROOT / "experiments" / "run.py"), "--config", "tests/tiny_config.py",
+           "--root", str(root), "--steps", str(steps), "--timing-repeats", "1", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kw)
+
+
+def _lines(root, table="methods"):
+    p = Path(root) / "results" / f"{table}.jsonl"
+    return [json.loads(x) for x in p.read_text().splitlines()] if p.is_file() else []
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exp")
+    r = _run(root, "--table", "methods", "--rows", "vanilla", "--seeds", "0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return root
+
+
+@pytest.mark.slow
+def test_a_row_appends_one_line_with_its_measures(finished):
+    (line,) = _lines(finished)
+    assert (line["table"], line["row"], line["seed"], line["split"], line["step"]) == ("methods", "vanilla", 0, "test", 2)
+    # the answers of the 16 test examples, per type, add up; accuracy is their weighted mean
+    assert sum(line["per_type_rounds"].values()) == line["rounds"] > 0
+    assert line["accuracy"] == pytest.approx(
+        sum(line["per_type"][k] * n for k, n in line["per_type_rounds"].items()) / line["rounds"])
+    assert line["vision_tokens_per_layer"] == [16] * 4 and line["mean_vision_tokens"] == 16  # (56/14)²
+    assert line["flops_ratio"] == 1.0 and line["train_step_ratio"] == 1.0
+    assert line["train_step_s"] > 0
+    wd = finished / line["workdir"]
+    assert (wd / "checkpoints" / "2").is_dir()
+    assert json.loads((wd / "config.json").read_text())["train"]["seed"] == 0
+
+
+@pytest.mark.slow
+def test_running_again_does_nothing(finished):
+    wd = finished / _lines(finished)[0]["workdir"]
+    logs = {p: p.read_text() for p in (wd / "train.log", wd / "eval.log")}
+    timing = (finished / "results" / "timing.jsonl").read_text()
+    r = _run(finished, "--table", "methods", "--rows", "vanilla", "--seeds", "0")
+    assert r.returncode == 0, r.stderr
+    assert "vanilla/seed0: done before" in r.stdout
+    assert len(_lines(finished)) == 1
+    assert {p: p.read_text() for p in logs} == logs  # nothing was launched
+    assert (finished / "results" / "timing.jsonl").read_text() == timing
+
+
+@pytest.mark.slow
+def test_a_killed_runner_resumes_its_training(tmp_path):
+    """SIGKILL the runner mid-training: its trainer is told (SIGTERM), saves and exits; the next
+    invocation waits for it, resumes from the saved step (history.jsonl) and finishes the row."""
+    cmd = [sys.executable, str(ROOT / "experiments" / "run.py"), "--config", "tests/tiny_config.py",
+           "--root", str(tmp_path), "--steps", "40", "--timing-repeats", "1", "--table", "methods",
+           "--rows", "tok64", "--seeds", "0", "--set", "train.ckpt_every=2"]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = next(iter(tmp_path.glob("runs/*/tok64/seed0")), tmp_path / "none") / "checkpoints"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (ckpts.is_dir() and any(c.name.isdigit() for c in ckpts.iterdir())):
+        time.sleep(0.5)
+        ckpts = next(iter(tmp_path.glob("runs/*/tok64/seed0")), tmp_path / "none") / "checkpoints"
+    assert ckpts.is_dir(), "no checkpoint appeared"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert _lines(tmp_path) == []
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (line,) = _lines(tmp_path)
+    assert (line["row"], line["step"]) == ("tok64", 40)
+    history = [json.loads(x) for x in (ckpts.parent / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 2 and history[1]["from_step"] >= 2, history
+
+
+# ----------------------------------------------------------------------------- the report
+
+@pytest.mark.slow
+def test_report_shows_finished_and_pending_rows_and_the_pareto_plot(finished, tmp_path):
+    out = tmp_path / "RESULTS.md"
+    r = _run(finished, "--report", "--seeds", "0,1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    md = out.read_text()
+    van = next(l for l in md.splitlines() if l.startswith("| vanilla |"))
+    assert "1/2" in van and "pending: seeds 1" in van
+    tok = next(l for l in md.splitlines() if l.startswith("| tok64 |"))
+    assert "0/2" in tok and "--table methods --rows tok64 --seeds 0,1 --steps 2" in tok
+    assert "cannot tell yet" in md
+    png = finished / "results" / "pareto.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert f"]({os.path.relpath(png, tmp_path)})" in md
+
+
+def test_verdicts_follow_the_numbers(tmp_path):
+    """Synthetic results with differences far beyond / far within their noise: each verdict is
+    the one the paired 2-SE rule must give (seeds 0..3; noise ±0.002 per seed, in another order per row)."""
+    from experiments.report import write_report
+    from experiments.run import Setup, append_line
+    setup = Setup("configs/tiny_shapes.py", 2, [], tmp_path)  # 8 layers: sweeps of 5 points
+    wiggle = (0.002, -0.002, 0.001, -0.001)
+    acc = dict(vanilla=0.50, tok64=0.56, tok48=0.40, pdrop_matched=0.45, fastv_matched=0.44,
+               hard=0.56, persistent=0.56, **{"relaxed_t0.1": 0.50, "relaxed_t1": 0.56},
+               group=0.5605, compacted=0.5595)
+    for table in ("methods", "ablations"):
+        for i, row in enumerate(setup.rows(table)):
+            for seed in range(4):
+                w = wiggle[(seed + i) % 4]  # each row its own order: paired differences vary
+                a = acc.get(row.name, 0.5)
+                if row.ablation == "inject":  # flat up to Tok64's layer 2, then falling
+                    a = 0.56 if row.x <= 2 else 0.56 - 0.05 * (row.x - 2)
+                if row.ablation == "exit":  # within noise everywhere
+                    a = 0.56
+                a += w
+                append_line(setup.results / f"{table}.jsonl", dict(
+                    table=table, row=row.name, seed=seed, budget=setup.budget, accuracy=a,
+                    per_type={"color": a}, mean_vision_tokens=10.0, flops_ratio=0.5))
+    md = write_report(setup, tmp_path / "R.md", [0, 1, 2, 3]).read_text()
+    verdict = {l.split("|")[1].strip(): l.split("|")[2].strip() for l in md.splitlines()
+               if l.startswith("| ") and "**" in l}
+    assert verdict["HiDrop Tok64 keeps 98.3% of vanilla"].startswith("**holds, but disagrees in direction")
+    assert verdict["HiDrop Tok48 keeps 96.5% of vanilla"] == "**does not hold**"
+    assert verdict["HiDrop beats PyramidDrop and FastV at equal mean tokens"] == "**holds**"
+    assert verdict["the relaxed top-k beats a hard top-k (99.7% vs 97.7%)"] == "**does not hold**"
+    assert verdict["persistent positions beat group and compacted (97.6 / 97.0 / 96.4%)"].startswith(
+        "**cannot tell at this scale")
+    assert verdict["moving to later injection costs little until a plateau ends"] == "**holds**"
+    assert verdict["moving to earlier exit costs little until a plateau ends"].startswith("**cannot tell at this scale")
+    rows = [l for l in md.split("## Accuracy")[0].splitlines() if l.startswith("| ") and "row |" not in l]
+    assert len(rows) == len(setup.rows("methods")) + len(setup.rows("ablations")) and all(l.endswith("| done |") for l in rows)  # every row, 4 seeds
