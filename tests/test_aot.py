@@ -130,7 +130,7 @@ def test_flops_follow_the_schedules_analytic_order():
     assert saved_xla > 0.5 * saved_formula, (saved_xla, saved_formula)  # tower/head dilute it
 
 
-@pytest.mark.slow
+@pytest.mark.expensive  # minutes of compiles: `pytest -m expensive`, not in CI
 def test_max_batch_fits_and_the_next_does_not():
     """On v5e (16 GiB) with 4,096 text rows the attention logits bound the batch to a few rows."""
     aot = _aot()
@@ -142,7 +142,7 @@ def test_max_batch_fits_and_the_next_does_not():
     assert best >= 1 and seen[best] and not seen[best + 1], probes
 
 
-@pytest.mark.slow
+@pytest.mark.expensive  # minutes of compiles: `pytest -m expensive`, not in CI
 def test_7b_stage2_does_not_fit_four_v5e_chips():
     aot = _aot()
     sys.path.insert(0, ROOT)

@@ -118,7 +118,7 @@ def test_running_again_does_nothing(finished):
     assert (finished / "results" / "timing.jsonl").read_text() == timing
 
 
-@pytest.mark.slow
+@pytest.mark.expensive  # ~17 min on the loaded 2-core host: `pytest -m expensive`, not in CI
 def test_a_killed_runner_resumes_its_training(tmp_path):
     """SIGKILL the runner mid-training: its trainer is told (SIGTERM), saves and exits; the next
     invocation waits for it, resumes from the saved step (history.jsonl) and finishes the row."""
