@@ -62,14 +62,9 @@ def _hide_unraisable(debug: bool) -> None:
         sys.unraisablehook = lambda unraisable: None
 
 
-def run(main, argv=None) -> None:
-    """Runs an argparse `main(argv)` with `--debug` / `--verbose` taken out of argv."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug, verbose = _take(argv, "--debug"), _take(argv, "--verbose")
-    quiet(verbose)
-    _hide_unraisable(debug)
+def _guarded(main, argv, debug: bool):
     try:
-        main(argv)
+        return main(argv)
     except USER_ERRORS as e:
         if debug:
             raise
@@ -78,20 +73,19 @@ def run(main, argv=None) -> None:
         sys.exit(2)
 
 
+def run(main, argv=None) -> None:
+    """Runs an argparse `main(argv)` with `--debug` / `--verbose` taken out of argv."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug, verbose = _take(argv, "--debug"), _take(argv, "--verbose")
+    quiet(verbose)
+    _hide_unraisable(debug)
+    _guarded(main, argv, debug)
+
+
 def run_absl(main) -> None:
     """`absl.app.run(main)` with the same error and log handling (`--debug`, `--verbose`)."""
     from absl import app
     debug, verbose = _take(sys.argv, "--debug"), _take(sys.argv, "--verbose")
     quiet(verbose)
     _hide_unraisable(debug)
-
-    def guarded(argv):
-        try:
-            return main(argv)
-        except USER_ERRORS as e:
-            if debug:
-                raise
-            _quiet_threads()
-            _report(e)
-            sys.exit(2)
-    app.run(guarded)
+    app.run(lambda argv: _guarded(main, argv, debug))

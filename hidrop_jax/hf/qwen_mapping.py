@@ -14,7 +14,7 @@ import re
 import ml_collections
 
 from hidrop_jax.config import hidrop_defaults, initializer_range
-from hidrop_jax.hf.mapping import to_hf, to_ours  # noqa: F401  (the shared transforms, incl. conv3d)
+from hidrop_jax.hf.mapping import _unsupported, to_hf, to_ours  # noqa: F401  (shared transforms, incl. conv3d)
 from hidrop_jax.families import qwen2_5_vl as family
 
 # (HF name in the hub layout, parameter path, transform). `{i}` marks a stacked layer.
@@ -75,10 +75,6 @@ def expected_tensors(cfg):
 
 
 # ----------------------------------------------------------------------------- config
-
-def _unsupported(field, value, allowed):
-    raise ValueError(f"HF config field `{field}` = {value!r} is not supported; allowed: {allowed}")
-
 
 def config_from_hf(hf: dict, image_size=(672, 672)) -> ml_collections.ConfigDict:
     """Our config (`cfg.model`, `cfg.hidrop` = vanilla) from a Qwen2.5-VL `config.json` dict
