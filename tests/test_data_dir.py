@@ -16,7 +16,7 @@ pytest.importorskip("tensorflow_datasets")
 
 import tiny_config  # noqa: E402
 
-from hidrop_jax import train as train_lib  # noqa: E402
+from hidrop_jax.data.setup import open_data  # noqa: E402
 from hidrop_jax.data import sources  # noqa: E402
 from hidrop_jax.data.shapes_vqa import ShapesVqa  # noqa: E402
 
@@ -55,7 +55,7 @@ def test_two_workdirs_build_once(cache, builds, tmp_path):
     assert cfg.data.data_dir == ""
     lens = []
     for wd in ("run_a", "run_b"):
-        _, _, train, evals = train_lib.data_setup(cfg, tmp_path / wd)
+        _, _, train, evals = open_data(cfg, tmp_path / wd)
         lens.append((len(train), len(evals)))
         assert not (tmp_path / wd / "data").exists()
     assert builds == ["s0_6_3_3"] and lens == [(6, 3), (6, 3)]
