@@ -268,7 +268,7 @@ def report(cfg, topology: str, program_name: str, *, max_new_tokens: int = 32,
                                                 retry_oom=retry_oom)
     if compiled is None:  # over HBM and not compiled again: the compiler's message is the figure
         return dict(topology=topology, chip=chip, devices=len(devices), chips=len(devices) // cores,
-                    mesh=dict(mesh.shape), program=program_name, schedule=cfg.hidrop.get("name", "custom"),
+                    mesh=dict(mesh.shape), program=program_name, schedule=cfg.hidrop.name,
                     batch_per_device=cfg.train.batch_size // dp, max_len=cfg.data.max_len,
                     remat=cfg.model.remat, dtype=cfg.model.dtype, trainable=cfg.train.trainable,
                     bytes_per_device=None, hbm_bytes_per_device=spec.hbm_bytes, fits=False,
@@ -277,7 +277,7 @@ def report(cfg, topology: str, program_name: str, *, max_new_tokens: int = 32,
                     model_flops_per_device=model_flops(cfg, program_name, max_new_tokens) / len(devices))
     mem = memory(compiled)
     out = dict(topology=topology, chip=chip, device_kind=devices[0].device_kind, devices=len(devices),
-               chips=len(devices) // cores, mesh=dict(mesh.shape), program=program_name, schedule=cfg.hidrop.get("name", "custom"),
+               chips=len(devices) // cores, mesh=dict(mesh.shape), program=program_name, schedule=cfg.hidrop.name,
                batch_per_device=cfg.train.batch_size // dp, max_len=cfg.data.max_len,
                remat=cfg.model.remat, dtype=cfg.model.dtype, trainable=cfg.train.trainable,
                bytes_per_device=mem, hbm_bytes_per_device=spec.hbm_bytes, fits=fits,

@@ -402,7 +402,7 @@ def main(argv=None):
     n = int(out["lengths"][0])
     ids = np.asarray(out["tokens"][0, :n]).tolist()
     print(tok.decode(ids, skip_special_tokens=True).strip())
-    name = cfg.hidrop.get("name", "custom")
+    name = cfg.hidrop.name
     print(f"\n[{n} tokens generated: {ids}; schedule {name}: mean "
           f"{schedule_of(cfg).mean_tokens():.1f} vision tokens/layer]")
     if pixels is not None:

@@ -33,7 +33,7 @@ def hidrop_fields(cfg):
     if s.positions != "persistent":
         raise ValueError(f"hidrop.positions = {s.positions!r} cannot be exported as code; allowed: "
                          "'persistent' (or export without it: hidrop_code=False / --no-hidrop-code)")
-    return dict(name=cfg.hidrop.get("name", "custom"), inject_layer=s.inject_layer,
+    return dict(name=cfg.hidrop.name, inject_layer=s.inject_layer,
                 prune_after=list(s.prune_after), keep=list(s.keep), exit_layer=s.exit_layer,
                 selection=s.selection, positions=s.positions, temperature=s.temperature)
 
