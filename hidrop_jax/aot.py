@@ -25,14 +25,15 @@ Reported per device (JSON, field names stable):
                     counted once: generate = prefill + one decode step.
   est_step_s        roofline: max(FLOPs / peak bf16 FLOP/s, bytes accessed / HBM bandwidth);
                     ICI collectives and host input are not modelled, so it is a lower bound.
-  est_mfu           model FLOPs (analytic, `model_flops`: no remat, 3× forward when training)
-                    per device / (est_step_s × peak).
+  est_mfu           model FLOPs (analytic, `perf.model_flops`: no remat, 3× the forward of
+                    every trained part when training) per device / (est_step_s × peak).
+The chip table (peak bf16, HBM, bandwidth) is `hidrop_jax.perf.CHIPS`, which the trainer's MFU
+also reads.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import json
 import os
@@ -51,10 +52,10 @@ import jax.numpy as jnp  # noqa: E402
 
 
 from hidrop_jax import generate as gen_lib  # noqa: E402
+from hidrop_jax.perf import CHIPS, TPU_CHIPS, Chip, devices_per_chip, model_flops  # noqa: E402
 from hidrop_jax import sharding as shard_lib  # noqa: E402
 from hidrop_jax import train as train_lib  # noqa: E402
-from hidrop_jax.config import feature_layers_run, n_vision_tokens, schedule_of  # noqa: E402
-from hidrop_jax.hidrop import schedule as schedule_lib  # noqa: E402
+from hidrop_jax.config import schedule_of  # noqa: E402
 from hidrop_jax.batch import Inputs, Targets  # noqa: E402
 from hidrop_jax.model import abstract_params  # noqa: E402
 
@@ -62,23 +63,6 @@ PROGRAMS = ("train", "prefill", "generate")
 GiB = 2 ** 30
 
 
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    peak_bf16: float   # FLOP/s per chip (dense bf16)
-    hbm_bytes: int     # HBM per chip
-    hbm_bw: float      # HBM bytes/s per chip
-
-
-# Public per-chip figures from the Cloud TPU system-architecture pages (TPU v4, v5e, v5p,
-# Trillium/v6e): peak bf16 275 / 197 / 459 / 918 TFLOP/s; HBM 32 / 16 / 95 / 32 GiB;
-# HBM bandwidth 1,200 / 819 / 2,765 / 1,640 GB/s. libtpu gives one device per chip for v5p (megacore),
-# two for v4 (one per TensorCore): `report` divides by the cores per chip.
-CHIPS = {
-    "v4": Chip(275e12, 32 * GiB, 1200e9),
-    "v5e": Chip(197e12, 16 * GiB, 819e9),
-    "v5p": Chip(459e12, 95 * GiB, 2765e9),
-    "v6e": Chip(918e12, 32 * GiB, 1640e9),
-}
 OOM_OPTIONS = {"xla_tpu_no_crash_on_oom": True}
 
 
@@ -87,9 +71,9 @@ OOM_OPTIONS = {"xla_tpu_no_crash_on_oom": True}
 def topology_devices(topology: str):
     """'v5p:4x4x4' -> (chip name, the slice's TPU devices), from libtpu's description."""
     chip, sep, shape = topology.partition(":")
-    if chip not in CHIPS or not sep or not re.fullmatch(r"\d+(x\d+){1,2}", shape):
+    if chip not in TPU_CHIPS or not sep or not re.fullmatch(r"\d+(x\d+){1,2}", shape):
         raise ValueError(f"--topology {topology!r} is not supported; allowed: CHIP:AxB or CHIP:AxBxC "
-                         f"with CHIP one of {tuple(CHIPS)} (e.g. v5p:4x4x4, v5e:8x8)")
+                         f"with CHIP one of {TPU_CHIPS} (e.g. v5p:4x4x4, v5e:8x8)")
     try:
         from jax.experimental import topologies
         desc = topologies.get_topology_desc(topology_name=topology, platform="tpu")
@@ -225,31 +209,6 @@ def unrolled(cfg):
     return c
 
 
-def model_flops(cfg, program_name: str, max_new_tokens: int) -> float:
-    """Analytic FLOPs of one step for the whole batch: HiDrop's real per-layer token counts,
-    the paper's layer cost F(n) = 4nd² + 2n²d + 3ndm (multiply-adds; full, not causal-halved,
-    attention), the LM head, the vision tower and projector; ×2 for FLOPs. Training: 3× the
-    forward of the projector, LLM and head (forward + backward), 1× the frozen tower; no remat.
-    Prefill scores one row; generate adds one decode token (the loop body XLA counts)."""
-    m, t = cfg.model, cfg.model.text
-    s = schedule_of(cfg)
-    B, T = cfg.train.batch_size, cfg.data.max_len
-    d, mlp, V = t.hidden_size, t.intermediate_size, t.vocab_size
-    llm = sum(schedule_lib.layer_flops(T + n, d, mlp) for n in s.tokens_per_layer())
-    v = m.vision
-    N, D, M = (v.image_size // v.patch_size) ** 2 + 1, v.hidden_size, v.intermediate_size
-    tower = feature_layers_run(m) * (4 * N * D * D + 2 * N * N * D + 2 * N * D * M) \
-        + (N - 1) * v.patch_size ** 2 * v.num_channels * D
-    proj = n_vision_tokens(m) * (D * d + d * d)
-    if program_name == "train":
-        macs = 3 * (llm + proj + T * d * V) + tower
-    else:
-        macs = llm + proj + tower + d * V
-        if program_name == "generate":  # one decode token against the cache
-            macs += t.num_layers * (4 * d * d + 3 * d * mlp) + d * V
-    return 2.0 * B * macs
-
-
 def report(cfg, topology: str, program_name: str, *, max_new_tokens: int = 32,
            flops: bool = True, chip_devices=None, retry_oom: bool = True) -> dict:
     """Compile `program_name` for `topology`; -> the JSON report (see the module docstring)."""
@@ -261,7 +220,7 @@ def report(cfg, topology: str, program_name: str, *, max_new_tokens: int = 32,
                          f"data × fsdp = {dp} of mesh {dict(mesh.shape)}; allowed: multiples of {dp}")
     # libtpu describes v4 as two devices per chip (one per TensorCore, no megacore): each
     # device then has half the chip's HBM, FLOP/s and bandwidth.
-    cores = len({getattr(d, "core_on_chip", 0) for d in devices})
+    cores = devices_per_chip(devices)
     c = CHIPS[chip]
     spec = Chip(c.peak_bf16 / cores, c.hbm_bytes // cores, c.hbm_bw / cores)
     compiled, fits, compile_s = compile_program(*program(cfg, mesh, program_name, max_new_tokens),

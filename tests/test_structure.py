@@ -19,7 +19,7 @@ ORDER = [
      "hidrop_jax.data.templates"),
     ("hidrop_jax.families", "hidrop_jax.config", "hidrop_jax.batch", "hidrop_jax.checks", "hidrop_jax.metrics", "hidrop_jax.data.shapes",
      "hidrop_jax.data.tokenizer"),
-    ("hidrop_jax.hf.mapping", "hidrop_jax.hf.qwen_mapping", "hidrop_jax.hf.inputs",
+    ("hidrop_jax.perf", "hidrop_jax.hf.mapping", "hidrop_jax.hf.qwen_mapping", "hidrop_jax.hf.inputs",
      "hidrop_jax.hf.remote_code", "hidrop_jax.data.pipeline",
      "hidrop_jax.data.shapes_vqa", "hidrop_jax.data.llava_json", "hidrop_jax.data.sources"),
     ("hidrop_jax.model",),
