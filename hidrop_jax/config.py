@@ -59,8 +59,8 @@ def model_config(
         dtype=dtype,
         remat=remat,
         scan_unroll=scan_unroll,
-        # jax.nn.dot_product_attention's implementation: None = XLA picks (cuDNN on GPU when the
-        # shapes allow), "xla", or "cudnn" (fails loudly where unsupported); "pallas" = the TPU
+        # jax.nn.dot_product_attention's implementation: None = jax's default (XLA in jax
+        # 0.10), "xla", or "cudnn" (fails loudly where unsupported); "pallas" = the TPU
         # flash kernel (hidrop_jax.layers.attention). Typed so that
         # --config.model.attention_impl=cudnn can override the None default.
         attention_impl=ml_collections.FieldReference(attention_impl, field_type=str),
@@ -321,7 +321,14 @@ def train_defaults() -> dict:
         async_ckpt=True,
         # a relaunch under another schedule or trainable set is refused unless this is True;
         # then the change is recorded in the workdir's history.jsonl
-        allow_changes=False)
+        allow_changes=False,
+        # TFLOP/s per device that `mfu` is measured against; None = the chip's dense bf16 peak
+        # (hidrop_jax.perf.CHIPS), no mfu where the chip is unknown (CPU). Typed, so that
+        # --config.train.peak_tflops=459 can override the None default.
+        peak_tflops=ml_collections.FieldReference(None, field_type=float),
+        # (a, b): a jax.profiler trace of steps a..b-1 (0-based: the state's step before the
+        # update) into <workdir>/profile, for TensorBoard or Perfetto
+        profile_steps=ml_collections.FieldReference(None, field_type=tuple))
 
 
 def validate_train(cfg) -> None:
@@ -349,6 +356,14 @@ def validate_train(cfg) -> None:
          f"a multiple of train.grad_accum = {t.grad_accum}")
     need("train.mesh", len(t.mesh) == 3 and all(isinstance(x, int) and (x > 0 or x == -1) for x in t.mesh),
          "(data, fsdp, tensor): three positive ints, one of them may be -1")
+    peak = t.get("peak_tflops")
+    need("train.peak_tflops", peak is None or (num(peak) and peak > 0),
+         "None (the chip's bf16 peak from hidrop_jax.perf) or a positive float (TFLOP/s per device)")
+    w = t.get("profile_steps")
+    need("train.profile_steps", w is None or (
+        isinstance(w, (tuple, list)) and len(w) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                             for x in w) and 0 <= w[0] < w[1] <= t.steps),
+         f"None or (a, b): steps a..b-1 to trace, ints with 0 <= a < b <= train.steps = {t.steps}")
     need("data.template", d.template in TEMPLATES, f"one of {TEMPLATES}")
     need("data.max_len", isinstance(d.max_len, int) and d.max_len > 0, "a positive int (text rows)")
     need("data.num_queries", isinstance(d.num_queries, int) and d.num_queries >= 1, "an int ≥ 1")

@@ -6,6 +6,15 @@
 A workdir that holds a checkpoint resumes from it (parameters, optimizer, step, RNG and the data
 iterator's position). A non-finite loss stops the run before anything is saved, so the last good
 checkpoint stays intact.
+
+Each logged step reports, per device and over the steps since the last log (compile,
+evaluation and checkpoint time left out): `step_time_s`; `tokens_per_s_per_device`, the
+sequence tokens the batch holds (every row's `data.max_len` text rows, padding included, plus
+its image's vision tokens: `perf.tokens_per_step`); `model_tflops_per_s_per_device`, the
+analytic count (`perf.model_flops(cfg, "train")`: HiDrop's real per-layer token counts, 3× the
+forward of trained parts, no remat) over the step time; and `mfu` against the chip's dense
+bf16 peak (or `train.peak_tflops`), when one is known. `text_tokens_per_s` counts valid text
+tokens only. `train.profile_steps=(a, b)` traces steps a..b-1 (`StepProfile`).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import optax
 from tqdm import tqdm
 
 from hidrop_jax import cli
+from hidrop_jax import perf
 from hidrop_jax import sharding as shard_lib
 from hidrop_jax.checkpoint import (checkpoint_manager, kind_of, open_run, read_config, restore_state,
                                    save_state)
@@ -258,6 +268,40 @@ class NonFiniteLoss(FloatingPointError):
     pass
 
 
+class StepProfile:
+    """`train.profile_steps` = (a, b): a `jax.profiler` trace of steps a..b-1 into
+    <workdir>/profile (TensorBoard's profile plugin or Perfetto read it). Started before the
+    first step of the window this launch runs (after the compile), stopped once: after step
+    b-1 has finished on the device, or when training ends, fails or is preempted inside it.
+    `before` and `after` return the seconds the profiler itself took (not step time)."""
+
+    def __init__(self, window, workdir: Path):
+        self.a, self.b = tuple(window) if window else (0, 0)
+        self.dir, self.on, self.done = workdir / "profile", False, False
+
+    def before(self, step: int) -> float:
+        t0 = time.time()
+        if not (self.on or self.done) and self.a <= step < self.b:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.dir))
+            self.on = True
+        return time.time() - t0
+
+    def after(self, step: int, state) -> float:
+        if not (self.on and step + 1 >= self.b):
+            return 0.0
+        jax.block_until_ready(state)  # the window's device work belongs in the trace
+        t0 = time.time()
+        self.stop()
+        return time.time() - t0
+
+    def stop(self) -> None:
+        if self.on:
+            jax.profiler.stop_trace()
+            self.on, self.done = False, True
+            log.info("profile of steps [%d, %d) written to %s", self.a, self.b, self.dir)
+
+
 def train(cfg, workdir) -> dict:
     """Runs (or resumes) training; returns the last metrics. On SIGTERM it saves the current
     step and returns early, with `metrics["preempted"]` set."""
@@ -295,7 +339,14 @@ def train(cfg, workdir) -> dict:
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     step_fn = jit_train_step(cfg, tx, state_sh)
     writer = _Writer(workdir, enabled=lead)
-    metrics, t0, seen, compiled = {}, time.time(), 0, None
+    n_dev, peak = jax.device_count(), perf.peak_tflops(jax.devices(), t.get("peak_tflops"))
+    if lead:
+        log.info("%s: %s TFLOP/s peak per device; %.3g model FLOPs and %d tokens per step",
+                 jax.devices()[0].device_kind, peak, perf.model_flops(cfg, "train"), perf.tokens_per_step(cfg))
+    profile = StepProfile(t.get("profile_steps"), workdir)
+    # a logging window: its first step, its start, and the seconds in it that are not training
+    # steps (compile, evaluation, checkpoints), left out of the per-step figures
+    metrics, compiled, win_start, t0, paused, seen = {}, None, start, time.time(), 0.0, 0
     bar = tqdm(total=t.steps, initial=start, disable=not lead, dynamic_ncols=True, desc="train")
     preempt = Preemption(mgr)
     try:
@@ -303,11 +354,15 @@ def train(cfg, workdir) -> dict:
             batch = next(data_iter)
             inputs, targets = shard_lib.put_batch(batch, mesh)
             if compiled is None:  # compiled once, ahead of time, so its memory can be reported
+                tc = time.time()
                 with jax.set_mesh(mesh):  # the Pallas attention's shard_map reads it
                     compiled = step_fn.lower(state, inputs, targets).compile()
+                paused += time.time() - tc
                 if lead:
                     log.info("train step memory: %s", memory_report(compiled))
+            paused += profile.before(step)
             state, m = compiled(state, inputs, targets)
+            paused += profile.after(step, state)
             seen += int(np.asarray(batch["text_valid"]).sum())
             preempted = preempt.reached(step + 1)  # every process, every step (a sync point)
             last = step + 1 == t.steps
@@ -320,22 +375,30 @@ def train(cfg, workdir) -> dict:
                         f"loss {m['loss']}, parameter norm {m['param_norm']} at step {step + 1}; "
                         f"stopping. The last good checkpoint (step {mgr.latest_step()}) in "
                         f"{workdir / 'checkpoints'} is intact.")
-            if logging_now:
-                dt = time.time() - t0
-                m.update(step=step + 1, lr=float(lr_sched(step)), text_tokens_per_s=seen / max(dt, 1e-9),
+            if logging_now:  # the step has finished: `m` was read above
+                dt = max(time.time() - t0 - paused, 1e-9)
+                step_s = dt / (step + 1 - win_start)
+                m.update(step=step + 1, lr=float(lr_sched(step)), text_tokens_per_s=seen / dt,
+                         step_time_s=step_s, **perf.step_figures(cfg, n_dev, step_s, peak),
                          skipped=loader.stats.counts["skipped"], truncated=loader.stats.counts["truncated"])
-                t0, seen = time.time(), 0
+                win_start, t0, paused, seen = step + 1, time.time(), 0.0, 0
                 writer.write("train", m)
-                bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['token_acc']:.2f}",
-                                tok_s=f"{m['text_tokens_per_s']:.0f}")
+                shown = dict(loss=f"{m['loss']:.3f}", acc=f"{m['token_acc']:.2f}",
+                             tok_s_dev=f"{m['tokens_per_s_per_device']:.0f}",
+                             tflops_dev=f"{m['model_tflops_per_s_per_device']:.3g}")
+                if "mfu" in m:
+                    shown["mfu"] = f"{m['mfu']:.1%}"
+                bar.set_postfix(shown)
                 metrics = m
             bar.update(1)
+            tp = time.time()
             if (step + 1) % t.eval_every == 0 or last:
                 res = evaluate_params(cfg, state["params"], eval_src, tok, spec, mesh,
                                       max_batches=t.eval_batches)
                 writer.write("eval", dict(step=step + 1, **flat(res)))
             if saving_now:
                 save_state(mgr, step + 1, state, data_iter, force=preempted)
+            paused += time.time() - tp
             if preempted and not last:
                 mgr.wait_until_finished()
                 log.warning("preempted (SIGTERM): saved step %d in %s; relaunch to resume",
@@ -343,6 +406,7 @@ def train(cfg, workdir) -> dict:
                 metrics = dict(metrics, preempted=step + 1)
                 break
     finally:
+        profile.stop()
         preempt.close()
         bar.close()
         mgr.wait_until_finished()

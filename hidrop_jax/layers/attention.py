@@ -5,7 +5,8 @@ persistent position is not after its own. HiDrop reorders and drops tokens, so m
 never has to follow position order. `implementation` (`model.attention_impl`):
 
 * None / "xla" / "cudnn": `jax.nn.dot_product_attention` with the [B, 1, T, S] position mask
-  (None picks XLA on CPU/TPU and cuDNN on GPU where the shapes allow; "cudnn" insists).
+  (None is jax's default: XLA everywhere in jax 0.10, whose source leaves automatic cuDNN
+  selection as a TODO; "cudnn" insists).
 * "pallas": the Pallas TPU flash-attention kernel (`jax.experimental.pallas.ops.tpu`), which
   never builds the [T, S] logits. It knows only causality by index plus segment ids, so
   `flash_self_attention` sorts each row's tokens by position, runs the kernel causally with
