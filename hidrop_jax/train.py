@@ -391,8 +391,11 @@ def train(cfg, workdir) -> dict:
                 bar.set_postfix(shown)
                 metrics = m
             bar.update(1)
+            evaluating = (step + 1) % t.eval_every == 0 or last
+            if evaluating:
+                jax.block_until_ready(m)  # the step's own time stays in the window, not `paused`
             tp = time.time()
-            if (step + 1) % t.eval_every == 0 or last:
+            if evaluating:
                 res = evaluate_params(cfg, state["params"], eval_src, tok, spec, mesh,
                                       max_batches=t.eval_batches)
                 writer.write("eval", dict(step=step + 1, **flat(res)))
