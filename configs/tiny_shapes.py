@@ -15,8 +15,9 @@ took thousands of steps (BENCHMARKS.md: 0.35 → 0.51 at 800 steps).
 
 Training is LLaVA's stage 2: the projector and the LLM learn, the vision tower starts from a
 pretrained CLIP and stays frozen. Offline there is no CLIP for these images, so the tower is
-pretrained on the dataset's own annotations (`python -m hidrop_jax.pretrain_tower`, committed in
-`assets/tiny_shapes_clip` with its command); a tower trained from scratch through the LLM does
+pretrained on the dataset's own annotations, each patch token's kind, colour, row and column
+(`python -m hidrop_jax.pretrain_tower --position`, committed in `assets/tiny_shapes_clip` with
+its command); a tower trained from scratch through the LLM does
 not learn the shapes' kinds within this budget (`benchmarks/vision_probe.py`). To train
 everything from scratch: `--config.train.init_vision= --config.train.trainable=all`.
 

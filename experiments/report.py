@@ -335,10 +335,8 @@ def write_report(setup, out: Path, seeds) -> Path:
         f".venv/bin/python experiments/run.py --report --steps {setup.steps}   # this file",
         "```",
         "",
-        "The rows use the demo's tower (`assets/tiny_shapes_clip`, no position in its tokens). Once a "
-        "tower that keeps position is validated (`assets/tiny_shapes_clip_pos`, BENCHMARKS.md), the "
-        "same tables with it: add `--set train.init_vision=assets/tiny_shapes_clip_pos` to every "
-        "command (a budget tag of its own; these results stay).",
+        "The rows use the demo's tower (`assets/tiny_shapes_clip`, pretrained with `--position`: its "
+        "tokens say where their patch is, so existence and position questions can leave chance).",
         "",
         f"Expected time per seed on this 2-core machine when idle (\"?\": the table's timing pass has "
         f"not run yet): methods ~{_minutes(per_seed['methods'])}, "
@@ -429,5 +427,4 @@ def scale_notes(data) -> str:
     if not notes:
         return "every question type of vanilla is above chance."
     return ("vanilla stays at chance on " + ", ".join(notes) + ": these question types cannot "
-            "separate the methods (for position and existence the demo's tower drops where a patch "
-            "is; see BENCHMARKS.md and `assets/tiny_shapes_clip_pos`).")
+            "separate the methods at this budget.")
