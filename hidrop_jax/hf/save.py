@@ -11,7 +11,8 @@ What is written: `config.json`, `model.safetensors` (or `model-0000k-of-0000n.sa
 `model.safetensors.index.json` above `max_shard_bytes`), `hidrop_schedule.json` (`cfg.hidrop`:
 HF's LLaVA runs all vision tokens, the schedule travels beside it), and with a tokenizer also the
 tokenizer files, `preprocessor_config.json` (CLIP) and `processor_config.json` (LlavaProcessor).
-A non-vanilla schedule also brings `modeling_hidrop_llava.py` and an `auto_map` (`hf.remote_code`:
+A non-vanilla schedule also brings the family's HiDrop modeling file (`modeling_hidrop_llava.py` or
+`modeling_hidrop_qwen2_5_vl.py`), `hidrop_torch.py` and an `auto_map` (`hf.remote_code`:
 transformers runs the schedule with `trust_remote_code=True`); `--no-hidrop-code` leaves them out.
 """
 
@@ -220,9 +221,7 @@ def save_hf(cfg, params, out_dir, tokenizer=None, *, max_shard_bytes: int = DEFA
         if tokenizer is not None:
             _write_processor(tmp, cfg, tokenizer, image_token)
         # config.json last: a directory with it is a complete model.
-        # the PyTorch HiDrop code is LLaVA's (a Qwen export runs vanilla in transformers)
-        llava = family_mapping(cfg) is mapping
-        conf = add_hidrop_code(tmp, cfg, hf_config(cfg)) if hidrop_code and llava else hf_config(cfg)
+        conf = add_hidrop_code(tmp, cfg, hf_config(cfg)) if hidrop_code else hf_config(cfg)
         (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
     return out
 
