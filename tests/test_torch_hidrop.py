@@ -134,17 +134,19 @@ def test_export_layout_and_flag(tiny, tmp_path_factory, tmp_path):
     _, cfg, params = tiny
     c, out, _ = _export(tiny, tmp_path_factory, "tok64")
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["config.json", "hidrop_schedule.json", "model.safetensors", "modeling_hidrop_llava.py"]
+    assert names == ["config.json", "hidrop_schedule.json", "hidrop_torch.py", "model.safetensors",
+                     "modeling_hidrop_llava.py"]
     conf = json.loads((out / "config.json").read_text())
     assert conf["model_type"] == "llava" and conf["auto_map"] == remote_code.AUTO_MAP
     assert {k: conf["hidrop"][k] for k in ("inject_layer", "prune_after", "keep", "exit_layer")} == dict(
         inject_layer=2, prune_after=[2, 3], keep=[6, 1], exit_layer=6)
-    assert (out / "modeling_hidrop_llava.py").read_bytes() == remote_code.MODELING_FILE.read_bytes()
+    for f in (remote_code.MODELING_FILE, remote_code.HELPER_FILE):
+        assert (out / f.name).read_bytes() == f.read_bytes()
     # the flag leaves the code out; a vanilla schedule never writes it
     bare = save_hf(c, jax.device_get(params), tmp_path / "bare", hidrop_code=False)
     vanilla = save_hf(_with(cfg, "vanilla"), jax.device_get(params), tmp_path / "vanilla")
     for d in (bare, vanilla):
-        assert not (d / "modeling_hidrop_llava.py").exists()
+        assert not (d / "modeling_hidrop_llava.py").exists() and not (d / "hidrop_torch.py").exists()
         assert "auto_map" not in json.loads((d / "config.json").read_text())
     # CLI: export-hf writes it by default, --no-hidrop-code leaves it out
     save_checkpoint(tmp_path / "ckpt", c, jax.device_get(params))
@@ -195,26 +197,32 @@ def test_plain_llava_loads_vanilla_and_schedule_switches(tiny, tmp_path_factory)
 
 
 def test_modeling_file_imports_with_torch_and_transformers_only(tmp_path):
-    """Statically: every import is of torch or transformers. In a subprocess where `hidrop_jax`
-    cannot be found (`-I`: no PYTHONPATH, no cwd on the path; no editable-install finder), run
-    from a directory holding only the file, it imports and a tiny model generates."""
-    src = remote_code.MODELING_FILE
-    roots = set()
-    for node in ast.walk(ast.parse(src.read_text())):
-        if isinstance(node, ast.Import):
-            roots |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            roots.add((node.module or "").split(".")[0])
-    assert roots <= {"__future__", "torch", "transformers"}, roots
-    shutil.copy(src, tmp_path / src.name)
+    """Statically: every import is of torch, transformers or the shared `hidrop_torch`. In a
+    subprocess where `hidrop_jax` cannot be found (`-I`: no PYTHONPATH, no cwd on the path; no
+    editable-install finder), the two files as a package of their own (as transformers loads
+    them from an export) import and a tiny model generates."""
+    files = [remote_code.MODELING_FILE, remote_code.HELPER_FILE]
+    for src in files:
+        roots = set()
+        for node in ast.walk(ast.parse(src.read_text())):
+            if isinstance(node, ast.Import):
+                roots |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                roots.add("." * node.level + (node.module or "").split(".")[0])
+        assert roots <= {"__future__", "torch", "transformers", ".hidrop_torch"}, (src.name, roots)
+    pkg = tmp_path / "exported"
+    pkg.mkdir()
+    for src in files:
+        shutil.copy(src, pkg / src.name)
+    (pkg / "__init__.py").write_text("")
     code = f"""
-import importlib.util, sys
+import importlib, importlib.util, sys
 # as if hidrop_jax were not installed: -I drops PYTHONPATH and the cwd; this drops the venv's
 # editable-install finder (the one way left to find it)
 sys.meta_path = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
 assert importlib.util.find_spec("hidrop_jax") is None, "hidrop_jax is importable"
-spec = importlib.util.spec_from_file_location("m", {str(tmp_path / src.name)!r})
-m = sys.modules["m"] = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+sys.path.insert(0, {str(tmp_path)!r})
+m = importlib.import_module("exported.modeling_hidrop_llava")
 from transformers import CLIPVisionConfig, LlamaConfig
 cfg = m.HiDropLlavaConfig(
     vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,

@@ -124,10 +124,10 @@ class HiDropQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         if input_ids is None:
             raise ValueError("input_ids = None is not supported under a HiDrop schedule (it finds "
                              "the vision tokens by image_token_id); pass input_ids")
-        if pixel_values_videos is not None or mm_encoder_outputs is not None:
-            raise ValueError("pixel_values_videos / mm_encoder_outputs are not supported under a "
-                             "HiDrop schedule; allowed: pixel_values + image_grid_thw (still images), "
-                             "or set_hidrop_schedule('vanilla')")
+        encoded = dict(mm_encoder_outputs or {})  # `generate` encodes the images before prefill
+        if pixel_values_videos is not None or encoded.get("video") is not None:
+            raise ValueError("videos are not supported under a HiDrop schedule; allowed: still "
+                             "images (pixel_values + image_grid_thw), or set_hidrop_schedule('vanilla')")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if use_cache is None:
@@ -141,8 +141,8 @@ class HiDropQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
             if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError("cache already holds keys not written by a HiDrop prefill; pass a "
                                  "fresh cache (or none)")
-            h = self._hidrop_prefill(sched, input_ids, attention_mask, position_ids,
-                                     pixel_values, image_grid_thw, mm_token_type_ids,
+            h = self._hidrop_prefill(sched, input_ids, attention_mask, position_ids, pixel_values,
+                                     image_grid_thw, encoded.get("image"), mm_token_type_ids,
                                      cache if use_cache else None, hidrop_query_index,
                                      hidrop_query_mask)
         logits = self.lm_head(lm.norm(slice_hidden(h, logits_to_keep)))
@@ -170,7 +170,7 @@ class HiDropQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         return position_ids, position_ids[..., None].expand(-1, -1, 3)
 
     def _hidrop_prefill(self, h, input_ids, attention_mask, position_ids, pixel_values,
-                        image_grid_thw, mm_token_type_ids, cache, query_index, query_mask):
+                        image_grid_thw, encoded, mm_token_type_ids, cache, query_index, query_mask):
         """Final hidden states [B, L, D] (zeros where no token is left) under schedule `h`."""
         lm = self.model.language_model
         B, L = input_ids.shape
@@ -185,14 +185,18 @@ class HiDropQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         counts = is_img.sum(1)
         x = lm.embed_tokens(input_ids)
         if counts.any():
-            if pixel_values is None or image_grid_thw is None:
+            if encoded is None and (pixel_values is None or image_grid_thw is None):
                 raise ValueError("input_ids contain image tokens but pixel_values or image_grid_thw is None")
-            feats = torch.cat(list(self.model.get_image_features(pixel_values, image_grid_thw).pooler_output))
+            if encoded is None:
+                encoded = self.model.get_image_features(pixel_values, image_grid_thw)
+            feats = torch.cat(list(encoded.pooler_output))
             if feats.shape[0] != int(counts.sum()):
                 raise ValueError(f"pixel_values / image_grid_thw give {feats.shape[0]} image features "
                                  f"for {int(counts.sum())} image tokens")
             x = x.masked_scatter(is_img[..., None], feats.to(x.dtype))
         if position_ids is None:
+            if counts.any() and image_grid_thw is None:
+                raise ValueError("position_ids and image_grid_thw are None: M-RoPE positions need one")
             rows, deltas = self.model.get_rope_index(input_ids, is_img.long(), image_grid_thw,
                                                      attention_mask=attention_mask)
             order, rot = default_order(attention_mask), rows.permute(1, 2, 0)
