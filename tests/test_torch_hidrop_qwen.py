@@ -116,9 +116,20 @@ def test_greedy_generate_matches_jax(tiny, name):
     try:
         model.set_hidrop_schedule(remote_code.hidrop_fields(c))
         with torch.no_grad():
-            theirs = model.generate(**{k: torch.tensor(v) for k, v in batch.items()},
-                                    max_new_tokens=n_new, do_sample=False, pad_token_id=0)
+            gen = model.generate(**{k: torch.tensor(v) for k, v in batch.items()},
+                                 max_new_tokens=n_new, do_sample=False, pad_token_id=0,
+                                 return_dict_in_generate=True, output_logits=True)
+        theirs = gen.sequences
         kept = model.hidrop_kept
+        # a hand-written loop without position_ids: HF's rope_deltas rotate the new tokens
+        step = {k: torch.tensor(v) for k, v in batch.items()}
+        with torch.no_grad():
+            out = model(**step, use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            mask = torch.cat([step["attention_mask"], torch.ones_like(nxt)], 1)
+            out2 = model(input_ids=nxt, attention_mask=mask, cache=out.cache)
+        np.testing.assert_array_equal(nxt[:, 0], theirs[:, batch["input_ids"].shape[1]])
+        np.testing.assert_allclose(out2.logits[:, -1], gen.logits[1], atol=1e-5, rtol=0)
         # each layer's cache holds the keys that layer kept: the longest row's text + its vision
         want = schedule_of(c).tokens_per_layer()
         assert model.vision_tokens_per_layer(N_VIS) == want

@@ -228,7 +228,12 @@ class HiDropQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         q = input_ids.shape[1]
         valid = attention_mask[:, -q:].bool()
         if position_ids is None:  # HF: order + rope_deltas on all three rows
-            order = default_order(attention_mask)[:, -q:]
+            if attention_mask.shape[1] > q:
+                order = default_order(attention_mask)[:, -q:]
+            else:  # no mask over the whole sequence: continue after the cached tokens
+                seen = torch.stack([torch.where(v, p, torch.full_like(p, -1)).amax(1)
+                                    for p, v in zip(cache.hidrop_positions, cache.hidrop_valid)])
+                order = seen.amax(0)[:, None] + 1 + torch.arange(q, device=input_ids.device)
             deltas = getattr(cache, "hidrop_rope_deltas", None)
             rot = (order + (0 if deltas is None else deltas.to(order.device)))[..., None].expand(-1, -1, 3)
         else:
