@@ -238,3 +238,26 @@ print("ok")
     r = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def test_export_carries_tokenizer_and_image_processor(tiny, tmp_path):
+    """With a tokenizer, the Qwen export holds it and an image processor for the config's grid:
+    transformers' processor turns an image of that size into our own `preprocess` patches."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerFast
+    from hidrop_jax.families import qwen2_5_vl as family
+    _, cfg, params, _, _ = tiny
+    vocab = {f"w{i}": i for i in range(128)}
+    del vocab[f"w{IMAGE_TOKEN}"]
+    vocab["<|image_pad|>"] = IMAGE_TOKEN
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="w3", pad_token="w0")
+    tok.add_special_tokens({"additional_special_tokens": ["<|image_pad|>"]})
+    out = save_hf(_with(cfg, "tok64"), params, tmp_path / "m", tokenizer=tok)
+    text = "w5 w7 <|image_pad|><|image_pad|> w9"
+    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == tok(text)["input_ids"] == [5, 7, 120, 120, 9]
+    img = np.random.default_rng(0).integers(0, 256, size=(*GRID_PX, 3), dtype=np.uint8)
+    got = AutoImageProcessor.from_pretrained(out)(images=img, return_tensors="np")
+    assert got["image_grid_thw"].tolist() == [[1, GRID_PX[0] // 2, GRID_PX[1] // 2]]
+    np.testing.assert_allclose(got["pixel_values"], family.preprocess(cfg.model, img), atol=1e-5, rtol=0)
