@@ -6,11 +6,7 @@ and greedy generation equal JAX's `forward_hf` / `forward(return_aux=True)` / `g
 (independent code: Flax layers, static-shape stages, the vision block at the end of memory).
 """
 
-import ast
 import json
-import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +16,7 @@ import pytest
 import torch
 
 from hf_tiny import make_batch, make_hf_llava
+from isolated_import import check_imports, run_isolated
 from hidrop_jax import generate as gen_lib
 from hidrop_jax.batch import to_inputs
 from hidrop_jax.checkpoint import save_checkpoint
@@ -198,31 +195,10 @@ def test_plain_llava_loads_vanilla_and_schedule_switches(tiny, tmp_path_factory)
 
 def test_modeling_file_imports_with_torch_and_transformers_only(tmp_path):
     """Statically: every import is of torch, transformers or the shared `hidrop_torch`. In a
-    subprocess where `hidrop_jax` cannot be found (`-I`: no PYTHONPATH, no cwd on the path; no
-    editable-install finder), the two files as a package of their own (as transformers loads
-    them from an export) import and a tiny model generates."""
+    subprocess where `hidrop_jax` cannot be found, the two files import and a tiny model generates."""
     files = [remote_code.MODELING_FILE, remote_code.HELPER_FILE]
-    for src in files:
-        roots = set()
-        for node in ast.walk(ast.parse(src.read_text())):
-            if isinstance(node, ast.Import):
-                roots |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                roots.add("." * node.level + (node.module or "").split(".")[0])
-        assert roots <= {"__future__", "torch", "transformers", ".hidrop_torch"}, (src.name, roots)
-    pkg = tmp_path / "exported"
-    pkg.mkdir()
-    for src in files:
-        shutil.copy(src, pkg / src.name)
-    (pkg / "__init__.py").write_text("")
-    code = f"""
-import importlib, importlib.util, sys
-# as if hidrop_jax were not installed: -I drops PYTHONPATH and the cwd; this drops the venv's
-# editable-install finder (the one way left to find it)
-sys.meta_path = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
-assert importlib.util.find_spec("hidrop_jax") is None, "hidrop_jax is importable"
-sys.path.insert(0, {str(tmp_path)!r})
-m = importlib.import_module("exported.modeling_hidrop_llava")
+    check_imports(files)
+    run_isolated(tmp_path, files, "modeling_hidrop_llava", """
 from transformers import CLIPVisionConfig, LlamaConfig
 cfg = m.HiDropLlavaConfig(
     vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -231,17 +207,10 @@ cfg = m.HiDropLlavaConfig(
                             num_attention_heads=2, vocab_size=40), image_token_index=39,
     image_seq_length=4, hidrop=dict(inject_layer=1, prune_after=[1], keep=[2], exit_layer=3))
 model = m.HiDropLlavaForConditionalGeneration(cfg).eval()
-import torch
 ids = torch.tensor([[1, 2] + [39] * 4 + [3, 4]])
 out = model.generate(input_ids=ids, pixel_values=torch.randn(1, 3, 28, 28), max_new_tokens=2)
 assert out.shape == (1, 10) and [k.shape for k in model.hidrop_kept] == [(1, 2)]
-bad = [n for n in sys.modules if n.split(".")[0] == "hidrop_jax"]
-assert not bad, bad
-print("ok")
-"""
-    r = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+""")
 
 
 @pytest.mark.slow  # builds a small dataset

@@ -7,11 +7,7 @@ Flax layers, static-shape stages, the vision block at the end of memory, NumPy M
 greedy generation equals `generate_hf`, and vanilla equals transformers' own model.
 """
 
-import ast
 import json
-import shutil
-import subprocess
-import sys
 
 import jax
 import ml_collections
@@ -20,6 +16,7 @@ import pytest
 import torch
 
 from hf_tiny_qwen import IMAGE_TOKEN, make_batch, make_hf_qwen
+from isolated_import import check_imports, run_isolated
 from hidrop_jax.config import schedule_of, with_schedule
 from hidrop_jax.convert import load_hf, save_hf
 from hidrop_jax.generate import generate_hf
@@ -194,30 +191,12 @@ def test_export_loads_vanilla_plain_and_schedule_switches(tiny, tmp_path):
 
 
 def test_modeling_files_import_with_torch_and_transformers_only(tmp_path):
-    """Statically: every import is of torch, transformers or the shared file. In a subprocess
-    where `hidrop_jax` cannot be found (`-I`; no editable-install finder), the two files as a
-    package of their own import and a tiny model generates."""
+    """Statically: every import is of torch, transformers or the shared `hidrop_torch`. In a
+    subprocess where `hidrop_jax` cannot be found, the two files import and a tiny model
+    generates (mm_token_type_ids left out: derived from input_ids)."""
     files = [remote_code.modeling_file("qwen2_5_vl"), remote_code.HELPER_FILE]
-    for src in files:
-        roots = set()
-        for node in ast.walk(ast.parse(src.read_text())):
-            if isinstance(node, ast.Import):
-                roots |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                roots.add("." * node.level + (node.module or "").split(".")[0])
-        assert roots <= {"__future__", "torch", "transformers", ".hidrop_torch"}, (src.name, roots)
-    pkg = tmp_path / "exported"
-    pkg.mkdir()
-    for src in files:
-        shutil.copy(src, pkg / src.name)
-    (pkg / "__init__.py").write_text("")
-    code = f"""
-import importlib, importlib.util, sys
-sys.meta_path = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
-assert importlib.util.find_spec("hidrop_jax") is None, "hidrop_jax is importable"
-sys.path.insert(0, {str(tmp_path)!r})
-m = importlib.import_module("exported.modeling_hidrop_qwen2_5_vl")
-import torch
+    check_imports(files)
+    run_isolated(tmp_path, files, "modeling_hidrop_qwen2_5_vl", """
 cfg = m.HiDropQwen2_5_VLConfig(
     text_config=dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
                      num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=2,
@@ -231,13 +210,7 @@ ids = torch.tensor([[3, 4, 36] + [39] * 4 + [37, 5]])
 out = model.generate(input_ids=ids, pixel_values=torch.randn(16, 3 * 2 * 2 * 2),
                      image_grid_thw=torch.tensor([[1, 4, 4]]), max_new_tokens=2, pad_token_id=0)
 assert out.shape == (1, 11) and [k.shape for k in model.hidrop_kept] == [(1, 2)], out.shape
-bad = [n for n in sys.modules if n.split(".")[0] == "hidrop_jax"]
-assert not bad, bad
-print("ok")
-"""
-    r = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+""")
 
 
 def test_export_carries_tokenizer_and_image_processor(tiny, tmp_path):

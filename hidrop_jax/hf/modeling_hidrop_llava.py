@@ -126,12 +126,11 @@ class HiDropLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         lm = self.model.language_model
-        rotary = lambda x, rot: lm.rotary_emb(x, position_ids=rot[..., 0])  # noqa: E731
         if cache is not None and getattr(cache, "hidrop_positions", None) is not None:
             # new tokens (text, even an image token id: as HF's LLaVA embeds it after the prefill)
             q = input_ids.shape[1]
             pos = position_ids[:, -q:]
-            h = decode(lm, rotary, lm.embed_tokens(input_ids), pos, pos[..., None],
+            h = decode(lm, self._rotary, lm.embed_tokens(input_ids), pos, pos[..., None],
                        attention_mask[:, -q:].bool(), cache)
         else:
             if cache is not None and cache.get_seq_length() > 0:
@@ -182,10 +181,14 @@ class HiDropLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         vis = torch.where(is_img, is_img.long().cumsum(1) - 1, torch.full_like(input_ids, -1))
         query_mask = check_query_index(is_img, query_index, query_mask)
         keep = [torch.full((B,), k, dtype=torch.long) for k in h["keep"]]  # validated for n_vision
-        out, self.hidrop_kept = prefill(lm, lambda x, rot: lm.rotary_emb(x, position_ids=rot[..., 0]),
-                                        h, x, vis, position_ids, position_ids[..., None],
-                                        attention_mask.bool(), keep, cache, query_index, query_mask)
+        out, self.hidrop_kept = prefill(lm, self._rotary, h, x, vis, position_ids,
+                                        position_ids[..., None], attention_mask.bool(), keep, cache,
+                                        query_index, query_mask)
         return out
+
+    def _rotary(self, x, rot):
+        """cos/sin for rotary positions rot [B, S, 1] (LLaVA: the order itself)."""
+        return self.model.language_model.rotary_emb(x, position_ids=rot[..., 0])
 
 
 register_weight_names(HiDropLlavaForConditionalGeneration, "llava")
