@@ -176,6 +176,8 @@ def test_plain_llava_loads_vanilla_and_schedule_switches(tiny, tmp_path_factory)
         jax_other = np.asarray(forward_hf(_with(cfg, "tok48", keep=(4, 2)), params, ids, px, mask))
         np.testing.assert_allclose(pick(_torch_logits(model, ids, mask, px)), jax_other[valid], atol=1e-4, rtol=0)
         assert [k.shape[1] for k in model.hidrop_kept] == [4, 2]
+        model.set_hidrop_schedule(trained, keep=[0.25, 2])  # a fraction of the 16 tokens: 4
+        np.testing.assert_allclose(pick(_torch_logits(model, ids, mask, px)), jax_other[valid], atol=1e-4, rtol=0)
         # validated: the field, the value and what is allowed
         for bad, msg in [(dict(keep=[20, 1]), r"hidrop.keep\[0\] = 20 is invalid; allowed: an int in \[1, 16\]"),
                          (dict(prune_after=[2, 7]), r"hidrop.prune_after\[1\] = 7 is invalid; allowed"),
@@ -185,7 +187,7 @@ def test_plain_llava_loads_vanilla_and_schedule_switches(tiny, tmp_path_factory)
                          (dict(keeps=[1]), r"hidrop.keeps = \[1\] is invalid; allowed: fields")]:
             with pytest.raises(ValueError, match=msg):
                 model.set_hidrop_schedule(trained, **bad)
-        assert model.config.hidrop["keep"] == [4, 2]  # a refused change leaves the schedule as it was
+        assert model.config.hidrop["keep"] == [0.25, 2]  # a refused change leaves the schedule as it was
     finally:
         model.set_hidrop_schedule(trained)
     with pytest.raises(ValueError, match="num_beams = 2 is not supported"):
@@ -208,7 +210,8 @@ cfg = m.HiDropLlavaConfig(
     image_seq_length=4, hidrop=dict(inject_layer=1, prune_after=[1], keep=[2], exit_layer=3))
 model = m.HiDropLlavaForConditionalGeneration(cfg).eval()
 ids = torch.tensor([[1, 2] + [39] * 4 + [3, 4]])
-out = model.generate(input_ids=ids, pixel_values=torch.randn(1, 3, 28, 28), max_new_tokens=2)
+out = model.generate(input_ids=ids, pixel_values=torch.randn(1, 3, 28, 28), max_new_tokens=2,
+                     min_new_tokens=2)  # random weights may say EOS (id 2) first
 assert out.shape == (1, 10) and [k.shape for k in model.hidrop_kept] == [(1, 2)]
 """)
 

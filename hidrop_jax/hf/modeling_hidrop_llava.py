@@ -33,8 +33,9 @@ import torch
 from transformers import DynamicCache, LlavaConfig, LlavaForConditionalGeneration
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
-from .hidrop_torch import (check_beams, check_query_index, decode, default_order, prefill,
-                           register_weight_names, slice_hidden, tokens_per_layer, validate_schedule)
+from .hidrop_torch import (check_beams, check_query_index, decode, default_order, keep_counts,
+                           prefill, register_weight_names, slice_hidden, tokens_per_layer,
+                           validate_schedule)
 
 
 class HiDropLlavaConfig(LlavaConfig):
@@ -180,7 +181,7 @@ class HiDropLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             raise ValueError("input_ids contain image tokens but pixel_values is None")
         vis = torch.where(is_img, is_img.long().cumsum(1) - 1, torch.full_like(input_ids, -1))
         query_mask = check_query_index(is_img, query_index, query_mask)
-        keep = [torch.full((B,), k, dtype=torch.long) for k in h["keep"]]  # validated for n_vision
+        keep = [torch.full((B,), k, dtype=torch.long) for k in keep_counts(h["keep"], self.n_vision)]
         out, self.hidrop_kept = prefill(lm, self._rotary, h, x, vis, position_ids,
                                         position_ids[..., None], attention_mask.bool(), keep, cache,
                                         query_index, query_mask)
