@@ -71,8 +71,8 @@ def test_round_trip_bit_identical(hf, tmp_path):
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     with_schedule(cfg, "pdrop")  # any schedule travels as is
     out = save_hf(cfg, params, tmp_path / "out")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "hidrop_schedule.json", "model.safetensors",
-                                                     "modeling_hidrop_llava.py"]  # pdrop: runnable in torch
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "hidrop_schedule.json", "hidrop_torch.py",
+                                                     "model.safetensors", "modeling_hidrop_llava.py"]  # pdrop: runnable in torch
     _assert_same_files(d, out)  # same names (legacy hub layout), same bits
     _load_and_compare(model, out)
     conf = json.loads((out / "config.json").read_text())

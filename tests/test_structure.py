@@ -14,7 +14,9 @@ PKG = ROOT / "hidrop_jax"
 ORDER = [
     # foundations: layers know nothing of HiDrop; the method knows nothing of models or data
     ("hidrop_jax.layers", "hidrop_jax.hidrop", "hidrop_jax.atomic", "hidrop_jax.cli",
-     "hidrop_jax.hf.modeling_hidrop_llava",  # copied into exports: torch and transformers only
+     # copied into exports: torch and transformers only (the two modeling files import the third relatively)
+     "hidrop_jax.hf.hidrop_torch", "hidrop_jax.hf.modeling_hidrop_llava",
+     "hidrop_jax.hf.modeling_hidrop_qwen2_5_vl",
      "hidrop_jax.data.features", "hidrop_jax.data.local_builder", "hidrop_jax.data.image",
      "hidrop_jax.data.templates"),
     ("hidrop_jax.families", "hidrop_jax.config", "hidrop_jax.batch", "hidrop_jax.checks", "hidrop_jax.metrics", "hidrop_jax.data.shapes",

@@ -6,11 +6,7 @@ and greedy generation equal JAX's `forward_hf` / `forward(return_aux=True)` / `g
 (independent code: Flax layers, static-shape stages, the vision block at the end of memory).
 """
 
-import ast
 import json
-import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +16,7 @@ import pytest
 import torch
 
 from hf_tiny import make_batch, make_hf_llava
+from isolated_import import check_imports, run_isolated
 from hidrop_jax import generate as gen_lib
 from hidrop_jax.batch import to_inputs
 from hidrop_jax.checkpoint import save_checkpoint
@@ -134,17 +131,19 @@ def test_export_layout_and_flag(tiny, tmp_path_factory, tmp_path):
     _, cfg, params = tiny
     c, out, _ = _export(tiny, tmp_path_factory, "tok64")
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["config.json", "hidrop_schedule.json", "model.safetensors", "modeling_hidrop_llava.py"]
+    assert names == ["config.json", "hidrop_schedule.json", "hidrop_torch.py", "model.safetensors",
+                     "modeling_hidrop_llava.py"]
     conf = json.loads((out / "config.json").read_text())
     assert conf["model_type"] == "llava" and conf["auto_map"] == remote_code.AUTO_MAP
     assert {k: conf["hidrop"][k] for k in ("inject_layer", "prune_after", "keep", "exit_layer")} == dict(
         inject_layer=2, prune_after=[2, 3], keep=[6, 1], exit_layer=6)
-    assert (out / "modeling_hidrop_llava.py").read_bytes() == remote_code.MODELING_FILE.read_bytes()
+    for f in (remote_code.MODELING_FILE, remote_code.HELPER_FILE):
+        assert (out / f.name).read_bytes() == f.read_bytes()
     # the flag leaves the code out; a vanilla schedule never writes it
     bare = save_hf(c, jax.device_get(params), tmp_path / "bare", hidrop_code=False)
     vanilla = save_hf(_with(cfg, "vanilla"), jax.device_get(params), tmp_path / "vanilla")
     for d in (bare, vanilla):
-        assert not (d / "modeling_hidrop_llava.py").exists()
+        assert not (d / "modeling_hidrop_llava.py").exists() and not (d / "hidrop_torch.py").exists()
         assert "auto_map" not in json.loads((d / "config.json").read_text())
     # CLI: export-hf writes it by default, --no-hidrop-code leaves it out
     save_checkpoint(tmp_path / "ckpt", c, jax.device_get(params))
@@ -177,6 +176,8 @@ def test_plain_llava_loads_vanilla_and_schedule_switches(tiny, tmp_path_factory)
         jax_other = np.asarray(forward_hf(_with(cfg, "tok48", keep=(4, 2)), params, ids, px, mask))
         np.testing.assert_allclose(pick(_torch_logits(model, ids, mask, px)), jax_other[valid], atol=1e-4, rtol=0)
         assert [k.shape[1] for k in model.hidrop_kept] == [4, 2]
+        model.set_hidrop_schedule(trained, keep=[0.25, 2])  # a fraction of the 16 tokens: 4
+        np.testing.assert_allclose(pick(_torch_logits(model, ids, mask, px)), jax_other[valid], atol=1e-4, rtol=0)
         # validated: the field, the value and what is allowed
         for bad, msg in [(dict(keep=[20, 1]), r"hidrop.keep\[0\] = 20 is invalid; allowed: an int in \[1, 16\]"),
                          (dict(prune_after=[2, 7]), r"hidrop.prune_after\[1\] = 7 is invalid; allowed"),
@@ -186,7 +187,7 @@ def test_plain_llava_loads_vanilla_and_schedule_switches(tiny, tmp_path_factory)
                          (dict(keeps=[1]), r"hidrop.keeps = \[1\] is invalid; allowed: fields")]:
             with pytest.raises(ValueError, match=msg):
                 model.set_hidrop_schedule(trained, **bad)
-        assert model.config.hidrop["keep"] == [4, 2]  # a refused change leaves the schedule as it was
+        assert model.config.hidrop["keep"] == [0.25, 2]  # a refused change leaves the schedule as it was
     finally:
         model.set_hidrop_schedule(trained)
     with pytest.raises(ValueError, match="num_beams = 2 is not supported"):
@@ -195,26 +196,11 @@ def test_plain_llava_loads_vanilla_and_schedule_switches(tiny, tmp_path_factory)
 
 
 def test_modeling_file_imports_with_torch_and_transformers_only(tmp_path):
-    """Statically: every import is of torch or transformers. In a subprocess where `hidrop_jax`
-    cannot be found (`-I`: no PYTHONPATH, no cwd on the path; no editable-install finder), run
-    from a directory holding only the file, it imports and a tiny model generates."""
-    src = remote_code.MODELING_FILE
-    roots = set()
-    for node in ast.walk(ast.parse(src.read_text())):
-        if isinstance(node, ast.Import):
-            roots |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            roots.add((node.module or "").split(".")[0])
-    assert roots <= {"__future__", "torch", "transformers"}, roots
-    shutil.copy(src, tmp_path / src.name)
-    code = f"""
-import importlib.util, sys
-# as if hidrop_jax were not installed: -I drops PYTHONPATH and the cwd; this drops the venv's
-# editable-install finder (the one way left to find it)
-sys.meta_path = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
-assert importlib.util.find_spec("hidrop_jax") is None, "hidrop_jax is importable"
-spec = importlib.util.spec_from_file_location("m", {str(tmp_path / src.name)!r})
-m = sys.modules["m"] = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+    """Statically: every import is of torch, transformers or the shared `hidrop_torch`. In a
+    subprocess where `hidrop_jax` cannot be found, the two files import and a tiny model generates."""
+    files = [remote_code.MODELING_FILE, remote_code.HELPER_FILE]
+    check_imports(files)
+    run_isolated(tmp_path, files, "modeling_hidrop_llava", """
 from transformers import CLIPVisionConfig, LlamaConfig
 cfg = m.HiDropLlavaConfig(
     vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -223,17 +209,11 @@ cfg = m.HiDropLlavaConfig(
                             num_attention_heads=2, vocab_size=40), image_token_index=39,
     image_seq_length=4, hidrop=dict(inject_layer=1, prune_after=[1], keep=[2], exit_layer=3))
 model = m.HiDropLlavaForConditionalGeneration(cfg).eval()
-import torch
 ids = torch.tensor([[1, 2] + [39] * 4 + [3, 4]])
-out = model.generate(input_ids=ids, pixel_values=torch.randn(1, 3, 28, 28), max_new_tokens=2)
+out = model.generate(input_ids=ids, pixel_values=torch.randn(1, 3, 28, 28), max_new_tokens=2,
+                     min_new_tokens=2)  # random weights may say EOS (id 2) first
 assert out.shape == (1, 10) and [k.shape for k in model.hidrop_kept] == [(1, 2)]
-bad = [n for n in sys.modules if n.split(".")[0] == "hidrop_jax"]
-assert not bad, bad
-print("ok")
-"""
-    r = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+""")
 
 
 @pytest.mark.slow  # builds a small dataset

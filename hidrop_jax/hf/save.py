@@ -11,7 +11,8 @@ What is written: `config.json`, `model.safetensors` (or `model-0000k-of-0000n.sa
 `model.safetensors.index.json` above `max_shard_bytes`), `hidrop_schedule.json` (`cfg.hidrop`:
 HF's LLaVA runs all vision tokens, the schedule travels beside it), and with a tokenizer also the
 tokenizer files, `preprocessor_config.json` (CLIP) and `processor_config.json` (LlavaProcessor).
-A non-vanilla schedule also brings `modeling_hidrop_llava.py` and an `auto_map` (`hf.remote_code`:
+A non-vanilla schedule also brings the family's HiDrop modeling file (`modeling_hidrop_llava.py` or
+`modeling_hidrop_qwen2_5_vl.py`), `hidrop_torch.py` and an `auto_map` (`hf.remote_code`:
 transformers runs the schedule with `trust_remote_code=True`); `--no-hidrop-code` leaves them out.
 """
 
@@ -189,6 +190,25 @@ def _write_processor(tmp: Path, cfg, tokenizer, image_token: str) -> None:
                if d.get("tokenizer_class") == "TokenizersBackend" else None)
 
 
+def _write_qwen_tokenizer(tmp: Path, cfg, tokenizer) -> None:
+    """The tokenizer and a `Qwen2VLImageProcessor` for the config's fixed grid (CLIP mean/std,
+    min = max pixels = the grid's, so an image of `image_size` keeps it). No `Qwen2_5_VLProcessor`:
+    in transformers 5.24 it also needs a video processor (torchvision)."""
+    try:  # transformers 5 without torchvision: the PIL backend
+        from transformers import Qwen2VLImageProcessorPil as Proc
+    except ImportError:
+        from transformers import Qwen2VLImageProcessor as Proc
+    v = cfg.model.vision
+    h, w = v.image_size
+    proc = Proc(size={"shortest_edge": h * w, "longest_edge": h * w}, patch_size=v.patch_size,
+                merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
+                image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True)
+    proc.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    _edit_json(tmp / "tokenizer_config.json", lambda d: d.update(tokenizer_class="PreTrainedTokenizerFast")
+               if d.get("tokenizer_class") == "TokenizersBackend" else None)
+
+
 def _edit_json(path: Path, edit) -> None:
     if path.exists():
         d = json.loads(path.read_text())
@@ -198,13 +218,12 @@ def _edit_json(path: Path, edit) -> None:
 
 def save_hf(cfg, params, out_dir, tokenizer=None, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
             overwrite: bool = False, hidrop_code: bool = True) -> Path:
-    """Writes a HF LLaVA directory for (cfg, params); returns its path. `tokenizer` (a
-    `PreTrainedTokenizerBase` whose vocabulary holds `cfg.model.image_token_id`) adds the
-    tokenizer, a CLIP image processor and a LlavaProcessor, so `AutoProcessor` loads.
+    """Writes a HF LLaVA or Qwen2.5-VL directory for (cfg, params); returns its path. `tokenizer`
+    (a `PreTrainedTokenizerBase` whose vocabulary holds `cfg.model.image_token_id`) adds the
+    tokenizer and an image processor (LLaVA: CLIP's + a LlavaProcessor, so `AutoProcessor`
+    loads; Qwen: `Qwen2VLImageProcessor` for the fixed grid, `_write_qwen_tokenizer`).
     `hidrop_code`: with a non-vanilla schedule, also the HiDrop modeling file + `auto_map`
     (`hf.remote_code`), so transformers runs the schedule with `trust_remote_code=True`."""
-    if family_mapping(cfg) is not mapping and tokenizer is not None:
-        raise NotImplementedError("save_hf for Qwen2.5-VL writes no tokenizer/processor yet")
     out = Path(out_dir).absolute()
     check_out_dir(out, overwrite)
     check_params(cfg, params)
@@ -217,12 +236,12 @@ def save_hf(cfg, params, out_dir, tokenizer=None, *, max_shard_bytes: int = DEFA
             (tmp / SCHEDULE_FILE).write_text(resolved(cfg).hidrop.to_json(indent=1) + "\n")
         if "data" in cfg and cfg.data.get("template"):  # the chat template the model was trained on
             (tmp / DATA_FILE).write_text(json.dumps(dict(template=cfg.data.template), indent=1) + "\n")
-        if tokenizer is not None:
+        if tokenizer is not None and family_mapping(cfg) is mapping:
             _write_processor(tmp, cfg, tokenizer, image_token)
+        elif tokenizer is not None:
+            _write_qwen_tokenizer(tmp, cfg, tokenizer)
         # config.json last: a directory with it is a complete model.
-        # the PyTorch HiDrop code is LLaVA's (a Qwen export runs vanilla in transformers)
-        llava = family_mapping(cfg) is mapping
-        conf = add_hidrop_code(tmp, cfg, hf_config(cfg)) if hidrop_code and llava else hf_config(cfg)
+        conf = add_hidrop_code(tmp, cfg, hf_config(cfg)) if hidrop_code else hf_config(cfg)
         (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
     return out
 
