@@ -350,6 +350,10 @@ def validate_train(cfg) -> None:
     need("train.mesh", len(t.mesh) == 3 and all(isinstance(x, int) and (x > 0 or x == -1) for x in t.mesh),
          "(data, fsdp, tensor): three positive ints, one of them may be -1")
     need("data.template", d.template in TEMPLATES, f"one of {TEMPLATES}")
+    qwen = family_name(cfg.model) == "qwen2_5_vl"
+    need("data.template", qwen == (d.template == "qwen2"),
+         "'qwen2' for a Qwen2.5-VL model" if qwen else
+         f"one of {tuple(t for t in TEMPLATES if t != 'qwen2')} for a LLaVA model")
     need("data.max_len", isinstance(d.max_len, int) and d.max_len > 0, "a positive int (text rows)")
     need("data.num_queries", isinstance(d.num_queries, int) and d.num_queries >= 1, "an int ≥ 1")
 

@@ -82,8 +82,8 @@ def rope_delta(inputs: Inputs, next_pos):
     """[B] (largest rotary position of the prompt + 1) − next_pos, or None without M-RoPE."""
     if inputs.text_rope is None:
         return None
-    top = jnp.max(jnp.where(inputs.text_valid[None], inputs.text_rope, -1), axis=(0, 2))
-    vis = jnp.max(inputs.vision_rope, axis=(0, 2))
+    top = jnp.max(jnp.where(inputs.text_valid[:, None], inputs.text_rope, -1), axis=(1, 2))
+    vis = jnp.max(inputs.vision_rope, axis=(1, 2))
     top = jnp.maximum(top, jnp.where(inputs.has_image, vis, -1))
     return (top + 1 - next_pos).astype(jnp.int32)
 
