@@ -54,7 +54,10 @@ from hidrop_jax import generate as gen_lib  # noqa: E402
 from hidrop_jax import sharding as shard_lib  # noqa: E402
 from hidrop_jax import train as train_lib  # noqa: E402
 from hidrop_jax.config import feature_layers_run, n_vision_tokens, schedule_of  # noqa: E402
+from hidrop_jax.families import family_name  # noqa: E402
+from hidrop_jax.families import qwen2_5_vl as qwen  # noqa: E402
 from hidrop_jax.hidrop import schedule as schedule_lib  # noqa: E402
+from hidrop_jax.layers.qwen_vision import window_layout  # noqa: E402
 from hidrop_jax.batch import Inputs, Targets  # noqa: E402
 from hidrop_jax.model import abstract_params  # noqa: E402
 
@@ -127,9 +130,14 @@ def abstract_batch(cfg, mesh, *, targets: bool):
     sh = shard_lib.batch_sharding(mesh)
     a = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)  # noqa: E731
     i32, b1 = jnp.int32, jnp.bool_
+    if family_name(cfg.model) == "llava":
+        extra = dict(pixels=a((B, v.image_size, v.image_size, v.num_channels), jnp.float32))
+    else:  # Qwen2.5-VL: patches at the config's grid, M-RoPE rows
+        d, N = qwen.vision_dims(cfg.model), n_vision_tokens(cfg.model)
+        extra = dict(pixels=a((B, d.num_patches, d.patch_dim), jnp.float32),
+                     text_rope=a((B, 3, T), i32), vision_rope=a((B, 3, N), i32))
     inputs = Inputs(text_ids=a((B, T), i32), text_pos=a((B, T), i32), text_valid=a((B, T), b1),
-                    image_slot=a((B,), i32), has_image=a((B,), b1),
-                    pixels=a((B, v.image_size, v.image_size, v.num_channels), jnp.float32))
+                    image_slot=a((B,), i32), has_image=a((B,), b1), **extra)
     if not targets:
         return inputs, None
     inputs = inputs._replace(query_idx=a((B, Q), i32), query_valid=a((B, Q), b1))
@@ -237,10 +245,13 @@ def model_flops(cfg, program_name: str, max_new_tokens: int) -> float:
     d, mlp, V = t.hidden_size, t.intermediate_size, t.vocab_size
     llm = sum(schedule_lib.layer_flops(T + n, d, mlp) for n in s.tokens_per_layer())
     v = m.vision
-    N, D, M = (v.image_size // v.patch_size) ** 2 + 1, v.hidden_size, v.intermediate_size
-    tower = feature_layers_run(m) * (4 * N * D * D + 2 * N * N * D + 2 * N * D * M) \
-        + (N - 1) * v.patch_size ** 2 * v.num_channels * D
-    proj = n_vision_tokens(m) * (D * d + d * d)
+    if family_name(m) == "llava":
+        N, D, M = (v.image_size // v.patch_size) ** 2 + 1, v.hidden_size, v.intermediate_size
+        tower = feature_layers_run(m) * (4 * N * D * D + 2 * N * N * D + 2 * N * D * M) \
+            + (N - 1) * v.patch_size ** 2 * v.num_channels * D
+        proj = n_vision_tokens(m) * (D * d + d * d)
+    else:
+        tower, proj = qwen_vision_macs(m)
     if program_name == "train":
         macs = 3 * (llm + proj + T * d * V) + tower
     else:
@@ -248,6 +259,21 @@ def model_flops(cfg, program_name: str, max_new_tokens: int) -> float:
         if program_name == "generate":  # one decode token against the cache
             macs += t.num_layers * (4 * d * d + 3 * d * mlp) + d * V
     return 2.0 * B * macs
+
+
+def qwen_vision_macs(m):
+    """(tower, merger) multiply-adds of one Qwen2.5-VL image at the config's grid: the patch
+    embedding, per block qkv + proj (4SD²), attention over the image (full blocks) or a window
+    (2·S·S_att·D), the SwiGLU MLP (3SDM); the merger's two matmuls on the merged tokens."""
+    d = qwen.vision_dims(m)
+    S, D, M, u = d.num_patches, d.hidden_size, d.intermediate_size, d.merge_unit
+    _, sizes = window_layout(d)
+    windowed = sum((w * u) ** 2 for w in sizes)  # Σ over windows of (patches per window)²
+    n_full = len(d.fullatt_block_indexes)
+    attn = 2 * D * (n_full * S * S + (d.depth - n_full) * windowed)
+    tower = S * d.patch_dim * D + d.depth * (4 * S * D * D + 3 * S * D * M) + attn
+    N, wide = d.num_tokens, u * D
+    return tower, N * (wide * wide + wide * d.out_hidden_size)
 
 
 def report(cfg, topology: str, program_name: str, *, max_new_tokens: int = 32,
