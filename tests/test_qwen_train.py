@@ -244,3 +244,46 @@ def test_sharded_run_computes_the_same_loss(trained, data_dir, tmp_path):
     # the learning rate is 0 at step 1 (warmup from 0) and the peak at step 2 whatever the run's
     # length, so step 3's loss already follows one real update
     np.testing.assert_allclose(sharded, first, rtol=1e-4)
+
+
+def test_llava_json_with_a_qwen_tokenizer_directory(tmp_path, data_dir):
+    """llava_json records (non-square images, a text-only record) through `open_data` with a
+    tokenizer directory, as a real Qwen run reads them: each image is resized to the config's
+    grid and patchified (= `families.qwen2_5_vl.preprocess`), the batch runs, its loss is finite."""
+    from PIL import Image
+    from hidrop_jax.data.tokenizer import shapes_vqa_tokenizer
+    from hidrop_jax.families import qwen2_5_vl as fam
+    m = tmp_path / "manual"
+    (m / "imgs").mkdir(parents=True)
+    Image.fromarray(np.full((40, 60, 3), (200, 10, 10), np.uint8)).save(m / "imgs/a.jpg")
+    Image.fromarray(np.full((50, 30, 3), (10, 200, 10), np.uint8)).save(m / "imgs/b.png")
+    H, G = "human", "gpt"
+    recs = [{"id": "a", "image": "imgs/a.jpg", "conversations": [
+                {"from": H, "value": "<image>\nwhat color is the square ?"}, {"from": G, "value": "red"}]},
+            {"id": "b", "image": "imgs/b.png", "conversations": [
+                {"from": H, "value": "what shape is the green object ?\n<image>"}, {"from": G, "value": "square"},
+                {"from": H, "value": "is there a green square ?"}, {"from": G, "value": "yes"}]},
+            {"id": "t", "conversations": [
+                {"from": H, "value": "what color is the circle ?"}, {"from": G, "value": "blue"}]},
+            {"id": "v", "image": "imgs/a.jpg", "conversations": [
+                {"from": H, "value": "<image>\nhow many shapes are there ?"}, {"from": G, "value": "one"}]}]
+    (m / "data.json").write_text(json.dumps(recs))
+    tok_dir = tmp_path / "qwen_tok"
+    shapes_vqa_tokenizer(str(tok_dir), family="qwen2_5_vl")
+    cfg = _cfg(str(tmp_path / "tfds"))
+    cfg.data.update(name="llava_json:json_file=data.json,num_validation=1", manual_dir=str(m),
+                    tokenizer=str(tok_dir))
+    tok, spec, train_src, _ = open_data(cfg, tmp_path / "w")
+    batch = next(data_lib.eval_batches(train_src, tok, spec, batch_size=3))
+    ids = [str(i) for i in batch["id"]]
+    assert batch["has_image"].tolist() == [i != "t" for i in ids]
+    a = ids.index("a")
+    want = fam.preprocess(cfg.model, (m / "imgs/a.jpg").read_bytes())
+    np.testing.assert_array_equal(batch["pixels"][a], want)
+    assert not batch["pixels"][ids.index("t")].any() and not batch["vision_rope"][ids.index("t")].any()
+    inputs, targets = to_inputs(batch)
+    nll, n, _ = jax.jit(lambda p, x, t: token_nll(forward(cfg, p, x), t))(
+        init_params(cfg, jax.random.PRNGKey(0)), inputs, targets)
+    assert int(n) == sum(len(tok(a)["input_ids"]) + 1 for r in recs[:3]
+                         for a in [c["value"] for c in r["conversations"] if c["from"] == G])
+    assert np.isfinite(float(nll))
