@@ -38,11 +38,10 @@ One example (`encode_example`) becomes static-shape numpy arrays (T = `max_len`,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 from typing import Iterator, Optional
-
-import functools
 
 import grain.python as grain
 import ml_collections
@@ -201,23 +200,27 @@ def encode_example(record: dict, tokenizer, spec: TextImageSpec) -> dict:
     out = encode_text(tokenizer, spec, conv["question"], conv["answer"], conv.get("type"),
                       has_image)
     if spec.qwen_vision:
-        m = _qwen_model(spec.qwen_vision)
-        v, (gh, gw) = m.vision, qwen.grid(m)
-        out["pixels"] = (qwen.preprocess(m, record["image"]) if has_image else np.zeros(
-            (gh * gw, v.in_channels * v.temporal_patch_size * v.patch_size ** 2), np.float32))
-        out["text_rope"], out["vision_rope"] = qwen_rope(
-            m, out["text_pos"], out["text_valid"], int(out["image_slot"]), has_image, spec.n_vision)
+        out.update(_qwen_image(record, out, spec, has_image))
     elif has_image:
-        px = image_lib.preprocess(record["image"], spec.image_size, spec.image_mean,
-                                  spec.image_std)
+        out["pixels"] = image_lib.preprocess(record["image"], spec.image_size, spec.image_mean,
+                                             spec.image_std)
     else:
-        px = np.zeros((spec.image_size, spec.image_size, 3), np.float32)
-    if not spec.qwen_vision:
-        out["pixels"] = px
+        out["pixels"] = np.zeros((spec.image_size, spec.image_size, 3), np.float32)
     out["id"] = np.asarray(_str(record.get("id", ""))[:ANSWER_CHARS], f"<U{ANSWER_CHARS}")
     out["skipped_before"] = np.int32(0)
     out["example_valid"] = np.bool_(True)
     return out
+
+
+def _qwen_image(record, text: dict, spec: TextImageSpec, has_image: bool) -> dict:
+    """Qwen2.5-VL's pixels (patches at the fixed grid; zeros without an image) and M-RoPE rows."""
+    m = _qwen_model(spec.qwen_vision)
+    v, (gh, gw) = m.vision, qwen.grid(m)
+    pixels = (qwen.preprocess(m, record["image"]) if has_image else np.zeros(
+        (gh * gw, v.in_channels * v.temporal_patch_size * v.patch_size ** 2), np.float32))
+    t, vis = qwen_rope(m, text["text_pos"], text["text_valid"], int(text["image_slot"]), has_image,
+                       spec.n_vision)
+    return dict(pixels=pixels, text_rope=t, vision_rope=vis)
 
 
 # ----------------------------------------------------------------------------- grain
