@@ -287,3 +287,12 @@ def test_llava_json_with_a_qwen_tokenizer_directory(tmp_path, data_dir):
     assert int(n) == sum(len(tok(a)["input_ids"]) + 1 for r in recs[:3]
                          for a in [c["value"] for c in r["conversations"] if c["from"] == G])
     assert np.isfinite(float(nll))
+
+
+@pytest.mark.parametrize("config,template", [("tiny_shapes_qwen.py", "v1"), ("tiny_shapes.py", "qwen2")])
+def test_a_template_of_another_family_is_refused(config, template):
+    from hidrop_jax.config import validate_train
+    cfg = load_config(str(ROOT / "configs" / config))
+    cfg.data.template = template
+    with pytest.raises(ValueError, match=f"data.template` = '{template}'"):
+        validate_train(cfg)
