@@ -2,6 +2,7 @@
 
     python benchmarks/flops.py                                   # LLaVA-1.5-7B, T=64
     python benchmarks/flops.py --config configs/llava15_13b.py --text-len 128 --out /tmp/f.json
+    python benchmarks/flops.py --config configs/qwen2_5_vl_7b.py --out /tmp/q.json  # Qwen2.5-VL
 
 Nothing is allocated: the prefill is lowered from `abstract_params` and ShapeDtypeStruct inputs
 and compiled for the host, and `compiled.cost_analysis()['flops']` is read. Every `nn.scan` is
@@ -57,6 +58,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from hidrop_jax.config import feature_layers_run, n_vision_tokens, schedule_of  # noqa: E402
+from hidrop_jax.families import family_name  # noqa: E402
+from hidrop_jax.families import qwen2_5_vl as qwen  # noqa: E402
 from hidrop_jax.hidrop.schedule import Schedule, vision_flops  # noqa: E402
 from hidrop_jax.hidrop.select import score_vision, select  # noqa: E402
 from hidrop_jax.model import Inputs, abstract_params, encode_image, forward, text_dims  # noqa: E402
@@ -91,13 +94,25 @@ def xla_flops(fn, *args, compile: bool = True) -> float:
     return float(ca["flops"])
 
 
-def abstract_inputs(cfg, batch: int, text_len: int, image: bool) -> Inputs:
+def abstract_pixels(cfg, batch: int):
+    """LLaVA: images [B, H, W, C]; Qwen2.5-VL: the processor's patches [B, S, C·T·P·P]."""
     v = cfg.model.vision
+    if family_name(cfg.model) == "llava":
+        return SDS((batch, v.image_size, v.image_size, v.num_channels), jnp.float32)
+    d = qwen.vision_dims(cfg.model)
+    return SDS((batch, d.num_patches, d.patch_dim), jnp.float32)
+
+
+def abstract_inputs(cfg, batch: int, text_len: int, image: bool) -> Inputs:
+    rope = {}
+    if family_name(cfg.model) != "llava":  # M-RoPE rows, with or without the image
+        rope = dict(text_rope=SDS((batch, 3, text_len), jnp.int32),
+                    vision_rope=SDS((batch, 3, n_vision_tokens(cfg.model)), jnp.int32))
     return Inputs(
         text_ids=SDS((batch, text_len), jnp.int32), text_pos=SDS((batch, text_len), jnp.int32),
         text_valid=SDS((batch, text_len), jnp.bool_), image_slot=SDS((batch,), jnp.int32),
         has_image=SDS((batch,), jnp.bool_),
-        pixels=SDS((batch, v.image_size, v.image_size, v.num_channels), jnp.float32) if image else None)
+        pixels=abstract_pixels(cfg, batch) if image else None, **rope)
 
 
 def prefill_flops(cfg, params, text_len: int, image: bool, batch: int = 1, compile: bool = True):
@@ -106,9 +121,8 @@ def prefill_flops(cfg, params, text_len: int, image: bool, batch: int = 1, compi
 
 
 def tower_flops(cfg, params, batch: int = 1, compile: bool = True):
-    v = cfg.model.vision
-    px = SDS((batch, v.image_size, v.image_size, v.num_channels), jnp.float32)
-    return xla_flops(lambda p, x: encode_image(cfg.model, p, x), params, px, compile=compile)
+    return xla_flops(lambda p, x: encode_image(cfg.model, p, x), params, abstract_pixels(cfg, batch),
+                     compile=compile)
 
 
 def cut_flops(cfg, params, n_in: int, k: int, text_len: int, batch: int = 1,
@@ -164,12 +178,32 @@ def tower_formula_macs(cfg) -> float:
     """CLIP layers run for the feature layer (4ND² + 2N²D + 2NDM each, N = patches + CLS), the
     patch embedding, and the 2-layer projector over the vision tokens."""
     v, t = cfg.model.vision, cfg.model.text
+    if family_name(cfg.model) != "llava":
+        return qwen_tower_formula_macs(cfg)
     N = (v.image_size // v.patch_size) ** 2 + 1
     D, M = v.hidden_size, v.intermediate_size
     layers = feature_layers_run(cfg.model) * (4 * N * D * D + 2 * N * N * D + 2 * N * D * M)
     patch = (N - 1) * v.patch_size ** 2 * v.num_channels * D
     n_vis = n_vision_tokens(cfg.model)
     return layers + patch + n_vis * (D * t.hidden_size + t.hidden_size * t.hidden_size)
+
+
+def qwen_tower_formula_macs(cfg) -> float:
+    """Qwen2.5-VL's ViT at the config's grid (S patches, D wide, M MLP): patch embedding
+    S·(C·T·P²)·D; per block qkv + proj 4SD², SwiGLU 3SDM, attention 2·S·S_a·D with S_a = S
+    (full blocks) or the patches of a window (windowed blocks; edge windows counted as they
+    are); the merger (4D → 4D → d on the S/4 merged tokens)."""
+    v, d = cfg.model.vision, cfg.model.text.hidden_size
+    gh, gw = (s // v.patch_size for s in v.image_size)
+    S, D, M, u = gh * gw, v.hidden_size, v.intermediate_size, v.spatial_merge_size ** 2
+    n = v.window_size // v.spatial_merge_size // v.patch_size  # window side, merged tokens
+    mh, mw = gh // v.spatial_merge_size, gw // v.spatial_merge_size
+    sides = lambda g: [min(n, g - a) for a in range(0, g, n)]  # noqa: E731
+    windows = sum((a * b * u) ** 2 for a in sides(mh) for b in sides(mw))
+    full = len(v.fullatt_block_indexes)
+    attn = 2 * D * (full * S * S + (v.depth - full) * windows)
+    patch = S * v.in_channels * v.temporal_patch_size * v.patch_size ** 2 * D
+    return patch + v.depth * (4 * S * D * D + 3 * S * D * M) + attn + S // u * (u * D * u * D + u * D * d)
 
 
 def cuts(s: Schedule):
@@ -216,7 +250,8 @@ def measure(config: str, schedules, text_len: int, compile: bool = True) -> dict
             scoring_formula=sum(c["formula"] for c in cut_rows) / 1e12,
             layers_ratio=(vision - scoring) / formula, cuts=[
                 {**c, "xla": c["xla"] / 1e12, "formula": c["formula"] / 1e12} for c in cut_rows],
-            paper_formula=paper_formula / 1e12, paper=PAPER_TFLOPS.get(name),
+            paper_formula=paper_formula / 1e12,
+            paper=PAPER_TFLOPS.get(name) if family_name(base.model) == "llava" else None,
             library_formula_agrees=abs(vision_flops(s, d, m) - paper_formula) < 1,
             within_tolerance=abs(vision / formula - 1) <= TOLERANCE)
     v = out["schedules"].get("vanilla")

@@ -21,6 +21,11 @@ a vision tower ~5% of the LLM) at a width this CPU can run. For each schedule, i
   to vanilla (what the FLOPs say the time ratio should be); for training, the decoder and the
   projector count 3× (forward + both backward products) and the frozen tower 1×.
 
+`--family qwen2_5_vl`: the same measurements on a Qwen2.5-VL of the 7B's proportions (28
+layers, GQA 7:1 where the width allows, M-RoPE, a 672×672 image = 2304 patches through a
+4-block window-attention ViT with one full-attention block, 2×2 merger = 576 tokens); no
+PyTorch comparison.
+
 Then our vanilla prefill against PyTorch `LlavaForConditionalGeneration` on identical weights
 (exported with `save_hf`), torch using the same number of CPU threads. The machine is shared and
 noisy: read the ratios, which are measured side by side in one run; absolute CPU times only
@@ -47,6 +52,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from hidrop_jax.config import make_config, model_config, schedule_of  # noqa: E402
+from hidrop_jax.data.pipeline import qwen_rope  # noqa: E402
+from hidrop_jax.families import family_name  # noqa: E402
+from hidrop_jax.families import qwen2_5_vl as qwen  # noqa: E402
 from hidrop_jax.metrics import token_nll  # noqa: E402
 from hidrop_jax import xla_graph  # noqa: E402
 from hidrop_jax.model import Inputs, encode_image, forward, init_params  # noqa: E402
@@ -61,7 +69,18 @@ def _flops_module():
     return mod
 
 
-def bench_config(width: int, schedule: str):
+def bench_config(width: int, schedule: str, family: str = "llava"):
+    if family == "qwen2_5_vl":
+        heads = max(1, width // 64)
+        model = qwen.model_config(
+            vision=dict(depth=4, hidden_size=96, intermediate_size=384, num_heads=4,
+                        fullatt_block_indexes=(3,), image_size=(672, 672)),
+            text=dict(vocab_size=2048, hidden_size=width, intermediate_size=int(width * 5.2857),
+                      num_layers=28, num_heads=heads, num_kv_heads=max(1, heads // 7),
+                      mrope_section=(8, 12, 12), max_position_embeddings=2048))
+        cfg = make_config(model, f"schedule={schedule}")
+        cfg.train.update(trainable="projector+llm", grad_accum=1, lr=1e-4, warmup_steps=1, steps=100)
+        return cfg
     model = model_config(
         vision=dict(image_size=336, patch_size=14, hidden_size=96, intermediate_size=384,
                     num_layers=4, num_heads=4),
@@ -81,10 +100,19 @@ def make_inputs(cfg, batch: int, text_len: int, seed: int = 0) -> tuple[Inputs, 
     ids = rng.integers(5, cfg.model.text.vocab_size, (batch, text_len)).astype(np.int32)
     slot = 8
     pos = np.arange(text_len) + np.where(np.arange(text_len) >= slot, n, 0)
-    px = rng.normal(size=(batch, 336, 336, 3)).astype(np.float32)
+    rope = {}
+    if family_name(cfg.model) == "llava":
+        px = rng.normal(size=(batch, 336, 336, 3)).astype(np.float32)
+    else:  # patches and M-RoPE rows
+        d = qwen.vision_dims(cfg.model)
+        px = rng.normal(size=(batch, d.num_patches, d.patch_dim)).astype(np.float32)
+        t, v = qwen_rope(cfg.model, pos, np.ones(text_len, bool), slot, True, n)
+        rope = dict(text_rope=jnp.asarray(np.broadcast_to(t, (batch,) + t.shape)),
+                    vision_rope=jnp.asarray(np.broadcast_to(v, (batch,) + v.shape)))
     inputs = Inputs(jnp.asarray(ids), jnp.asarray(np.broadcast_to(pos, ids.shape).astype(np.int32)),
                     jnp.ones(ids.shape, bool), jnp.full((batch,), slot, jnp.int32), jnp.ones((batch,), bool),
-                    jnp.asarray(px), jnp.full((batch, 1), text_len - 9, jnp.int32), jnp.ones((batch, 1), bool))
+                    jnp.asarray(px), jnp.full((batch, 1), text_len - 9, jnp.int32), jnp.ones((batch, 1), bool),
+                    **rope)
     mask = np.zeros(ids.shape, bool)
     mask[:, text_len - 9:text_len - 1] = True
     labels = np.where(mask, np.roll(ids, -1, axis=1), -100).astype(np.int32)
@@ -108,7 +136,7 @@ def timed(fn, repeats: int) -> float:
 def measure_schedule(name: str, params, a) -> dict:
     from hidrop_jax import generate as gen
     from hidrop_jax import train as train_lib
-    cfg = bench_config(a.width, name)
+    cfg = bench_config(a.width, name, a.family)
     s = schedule_of(cfg)
     tx, _ = train_lib.make_optimizer(cfg.train, params)
     state = dict(params=params, opt_state=jax.jit(tx.init)(params), step=jnp.zeros((), jnp.int32),
@@ -155,7 +183,11 @@ def _predicted_macs(cfg, s, text_len: int, train: bool = False) -> float:
     tower_and_projector = fl.tower_formula_macs(cfg)
     if not train:
         return decoder + tower_and_projector
-    projector = s.n_vision * (v.hidden_size * t.hidden_size + t.hidden_size ** 2)
+    if family_name(cfg.model) == "llava":
+        projector = s.n_vision * (v.hidden_size * t.hidden_size + t.hidden_size ** 2)
+    else:  # the merger: 4D -> 4D -> d on the merged tokens
+        u = v.spatial_merge_size ** 2 * v.hidden_size
+        projector = s.n_vision * (u * u + u * t.hidden_size)
     tower = tower_and_projector - projector
     return 3 * (decoder + projector) + tower
 
@@ -225,7 +257,7 @@ def table(res: dict) -> str:
     rows = res["schedules"]
     v = rows[0]
     ratio = lambda key, r: v[key] / r[key]  # noqa: E731 (vanilla / schedule)
-    lines = [f"width {res['width']}, 32 layers, 576 vision tokens, T={res['text_len']} text tokens, "
+    lines = [f"{res.get('family', 'llava')}, width {res['width']}, {res.get('layers', 32)} layers, 576 vision tokens, T={res['text_len']} text tokens, "
              f"train batch {res['batch']}; medians of {res['repeats']} runs; ratios = vanilla / schedule",
              "",
              "Training (projector + LLM trainable, AdamW):",
@@ -279,18 +311,21 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--family", default="llava", choices=("llava", "qwen2_5_vl"))
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "speed.json"))
     a = ap.parse_args(argv)
     t0 = time.time()
-    params = init_params(bench_config(a.width, "vanilla"), jax.random.PRNGKey(0))
+    base = bench_config(a.width, "vanilla", a.family)
+    params = init_params(base, jax.random.PRNGKey(0))
     rows = []
     for name in a.schedules.split(","):
         rows.append(measure_schedule(name, params, a))
         print(f"  {name}: train {rows[-1]['train_step_s']:.3f} s, prefill {rows[-1]['prefill_s']:.4f} s",
               flush=True)
     res = dict(width=a.width, text_len=a.text_len, batch=a.batch, repeats=a.repeats, schedules=rows,
-               device=str(jax.devices()[0]), cpu_count=os.cpu_count())
-    if not a.no_torch:
+               device=str(jax.devices()[0]), cpu_count=os.cpu_count(), family=a.family,
+               layers=base.model.text.num_layers)
+    if not a.no_torch and a.family == "llava":
         res["torch"] = torch_vs_ours(params, a)
     res["seconds"] = time.time() - t0
     print(table(res))

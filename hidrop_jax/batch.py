@@ -24,7 +24,8 @@ class Inputs(NamedTuple):
     query_idx: Optional[jax.Array] = None    # [B, Q] int32 text-stream rows scoring the cuts
     query_valid: Optional[jax.Array] = None  # [B, Q] bool; None = last valid prompt token
     # Rotation, where it differs from the order above (M-RoPE, see hidrop_jax.families): rows
-    # (t, h, w) of the text stream [3, B, T] and of the n_vision slots [3, B, N]. None (LLaVA):
+    # (t, h, w) of the text stream [B, 3, T] and of the n_vision slots [B, 3, N] (batch-major, as
+    # every field: batches shard, split into micro-batches and stack along axis 0). None (LLaVA):
     # tokens rotate by their order. A kept vision token keeps its own rotary position.
     text_rope: Optional[jax.Array] = None
     vision_rope: Optional[jax.Array] = None
@@ -40,12 +41,14 @@ class Targets(NamedTuple):
 
 INPUT_KEYS = ("text_ids", "text_pos", "text_valid", "image_slot", "has_image", "pixels",
               "query_idx", "query_valid")
+ROPE_KEYS = ("text_rope", "vision_rope")  # only in batches of M-RoPE families
 
 
 def to_inputs(batch: dict, *, with_pixels: bool = True):
     """A batch -> (`Inputs`, `Targets`), numpy arrays (wrap with jnp, or shard with
     `sharding.put_batch`)."""
     kw = {k: batch[k] for k in INPUT_KEYS}
+    kw.update({k: batch[k] for k in ROPE_KEYS if k in batch})
     if not with_pixels:
         kw["pixels"] = None
     return Inputs(**kw), Targets(batch["labels"], batch["loss_mask"], batch["label_round"],

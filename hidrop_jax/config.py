@@ -365,6 +365,10 @@ def validate_train(cfg) -> None:
                                                              for x in w) and 0 <= w[0] < w[1] <= t.steps),
          f"None or (a, b): steps a..b-1 to trace, ints with 0 <= a < b <= train.steps = {t.steps}")
     need("data.template", d.template in TEMPLATES, f"one of {TEMPLATES}")
+    qwen = family_name(cfg.model) == "qwen2_5_vl"
+    need("data.template", qwen == (d.template == "qwen2"),
+         "'qwen2' for a Qwen2.5-VL model" if qwen else
+         f"one of {tuple(t for t in TEMPLATES if t != 'qwen2')} for a LLaVA model")
     need("data.max_len", isinstance(d.max_len, int) and d.max_len > 0, "a positive int (text rows)")
     need("data.num_queries", isinstance(d.num_queries, int) and d.num_queries >= 1, "an int ≥ 1")
 

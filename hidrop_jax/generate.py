@@ -65,6 +65,8 @@ from hidrop_jax.model import (StageKV, stage_positions, decode_layers, forward_h
                               rope_for, text_dims)
 from hidrop_jax.data import templates
 from hidrop_jax.data.image import preprocess
+from hidrop_jax.data.pipeline import qwen_rope
+from hidrop_jax.families import qwen2_5_vl as qwen
 
 
 class State(NamedTuple):
@@ -82,8 +84,8 @@ def rope_delta(inputs: Inputs, next_pos):
     """[B] (largest rotary position of the prompt + 1) − next_pos, or None without M-RoPE."""
     if inputs.text_rope is None:
         return None
-    top = jnp.max(jnp.where(inputs.text_valid[None], inputs.text_rope, -1), axis=(0, 2))
-    vis = jnp.max(inputs.vision_rope, axis=(0, 2))
+    top = jnp.max(jnp.where(inputs.text_valid[:, None], inputs.text_rope, -1), axis=(1, 2))
+    vis = jnp.max(inputs.vision_rope, axis=(1, 2))
     top = jnp.maximum(top, jnp.where(inputs.has_image, vis, -1))
     return (top + 1 - next_pos).astype(jnp.int32)
 
@@ -332,11 +334,16 @@ def prompt_inputs(cfg, tokenizer, prompt: str, pixels=None, template: str = "v1"
     ids = head + tail
     n = n_vision_tokens(cfg.model) if has_image else 0
     pos = [i if i < len(head) else i + n for i in range(len(ids))]
+    rope = {}
+    if family_name(cfg.model) != "llava":  # M-RoPE rows, as the data pipeline numbers them
+        t, v = qwen_rope(cfg.model, np.asarray(pos), np.ones(len(ids), bool), len(head),
+                         has_image, n_vision_tokens(cfg.model))
+        rope = dict(text_rope=jnp.asarray(t)[None], vision_rope=jnp.asarray(v)[None])
     return Inputs(
         text_ids=jnp.asarray([ids], jnp.int32), text_pos=jnp.asarray([pos], jnp.int32),
         text_valid=jnp.ones((1, len(ids)), bool), image_slot=jnp.asarray([len(head)], jnp.int32),
         has_image=jnp.asarray([has_image]),
-        pixels=None if pixels is None else jnp.asarray(pixels, jnp.float32)[None])
+        pixels=None if pixels is None else jnp.asarray(pixels, jnp.float32)[None], **rope)
 
 
 def describe_stages(cfg, kept) -> list[str]:
@@ -389,7 +396,9 @@ def main(argv=None):
     pixels = None
     if args.image:
         try:
-            pixels = preprocess(Path(args.image).read_bytes(), cfg.model.vision.image_size)
+            raw = Path(args.image).read_bytes()
+            pixels = (preprocess(raw, cfg.model.vision.image_size) if family_name(cfg.model) == "llava"
+                      else qwen.preprocess(cfg.model, raw))  # Qwen: patches at its fixed grid
         except (OSError, ValueError) as e:
             raise ValueError(f"--image {args.image} cannot be read as an image ({e})") from None
     template = args.template or ("data" in cfg and cfg.data.get("template")) or "v1"

@@ -192,7 +192,8 @@ def stage_rope(s, inputs: Inputs, vis_idx, text_pos, vis_pos):
     if s.positions != "persistent":
         raise ValueError(f"hidrop.positions = {s.positions!r} is not defined for M-RoPE models "
                          "(a 2-D grid has no contiguous renumbering); allowed: 'persistent'")
-    return inputs.text_rope, jnp.take_along_axis(inputs.vision_rope, vis_idx[None], axis=2)
+    vis = jnp.take_along_axis(inputs.vision_rope, vis_idx[:, None], axis=2)
+    return jnp.moveaxis(inputs.text_rope, 1, 0), jnp.moveaxis(vis, 1, 0)  # rows first: [3, B, ·]
 
 
 # ----------------------------------------------------------------------------- forward

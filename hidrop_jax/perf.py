@@ -113,7 +113,7 @@ def _clip_tower_macs(m) -> tuple:
     return tower, n_vision_tokens(m) * (D * d + d * d)
 
 
-def _qwen_tower_macs(m) -> tuple:
+def qwen_tower_macs(m) -> tuple:
     """(tower, merger) multiply-adds for one image of the config's fixed grid: patch embedding,
     blocks (fused qkv, out projection, SwiGLU; attention over the whole image in
     `fullatt_block_indexes`, within each window elsewhere), merger (two linears on 2×2
@@ -134,7 +134,7 @@ def flops_parts(cfg) -> dict:
     LM head of one row), `tower`, `projector` (one image)."""
     s, t, T = schedule_of(cfg), cfg.model.text, cfg.data.max_len
     if family_name(cfg.model) == "qwen2_5_vl":
-        tower, proj = _qwen_tower_macs(cfg.model)
+        tower, proj = qwen_tower_macs(cfg.model)
     else:
         tower, proj = _clip_tower_macs(cfg.model)
     return dict(llm=sum(decoder_layer_macs(T + n, t) for n in s.tokens_per_layer()),

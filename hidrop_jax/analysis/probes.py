@@ -8,7 +8,8 @@ token (or sample) of every analysed sample weighs the same.
 Definitions
 -----------
 Hidden states. `layer_states` runs the decoder one layer at a time (one `lax.scan` whose ys are
-the states) on the stream [text (T) | vision (N)] with persistent positions: h[0] is the input of
+the states) on the stream [text (T) | vision (N)] with persistent positions (rotated by the
+family's own positions: M-RoPE rows for Qwen2.5-VL, see `rotary`): h[0] is the input of
 layer 0 (embeddings / projector output), h[l + 1] the output of layer l; [L + 1, B, T + N, D].
 By default every layer sees every vision token (the "vanilla" model). A per-layer flag
 `vision_on[l]` turns the vision tokens off as keys of layer l and freezes their states there, so
@@ -62,14 +63,22 @@ import numpy as np
 from hidrop_jax.batch import first_query_row
 from hidrop_jax.config import n_vision_tokens
 from hidrop_jax.layers.llama import DecoderLayer, Embedder
-from hidrop_jax.layers.rope import rope_tables
-from hidrop_jax.model import encode_image, lm_logits, text_dims
+from hidrop_jax.model import encode_image, lm_logits, rope_for, text_dims
 
 
 MODALITIES = ("system", "vision", "text")
 
 
 # ----------------------------------------------------------------------------- running the model
+
+def rotary(cfg, inputs, pos, *, vision: bool):
+    """cos/sin of the text rows (+ the vision slots if `vision`): by their order positions `pos`
+    (LLaVA), or by the family's M-RoPE rows (`inputs.text_rope` / `vision_rope`) where it has them."""
+    if inputs.text_rope is None:
+        return rope_for(cfg.model, pos)
+    rows = [inputs.text_rope] + ([inputs.vision_rope] if vision else [])
+    return rope_for(cfg.model, jnp.moveaxis(jnp.concatenate(rows, axis=-1), 1, 0))
+
 
 def vision_flags(num_layers: int, inject_layer: int = 0, exit_layer: Optional[int] = None):
     """[L] bool: layer l sees the vision tokens (inject ≤ l < exit)."""
@@ -111,7 +120,7 @@ def layer_states(cfg, params, inputs, *, vision_on=None, q_idx=None, pixels=None
     slot = jnp.asarray(inputs.image_slot)[:, None]
     pos = jnp.concatenate([inputs.text_pos, slot + jnp.arange(N, dtype=jnp.int32)], axis=1)
     alive = jnp.broadcast_to(jnp.asarray(inputs.has_image)[:, None], (b, N))
-    rope = rope_tables(pos, td.head_dim, td.rope_theta)
+    rope = rotary(cfg, inputs, pos, vision=True)
     is_vis = (jnp.arange(T + N) >= T)[None, :, None]
     on_all = jnp.ones(L, bool) if vision_on is None else jnp.asarray(vision_on, bool)
     q_idx = first_query_row(inputs) if q_idx is None else q_idx
@@ -140,7 +149,7 @@ def exit_probe(cfg, params, hidden, inputs, labels, loss_mask, weight):
     td, L = text_dims(m), m.text.num_layers
     T = inputs.text_ids.shape[1]
     pos, valid = inputs.text_pos, inputs.text_valid
-    rope = rope_tables(pos, td.head_dim, td.rope_theta)
+    rope = rotary(cfg, inputs, pos, vision=False)
     layer = DecoderLayer(td)
     mask = jnp.asarray(loss_mask) & (jnp.asarray(weight)[:, None] > 0)
     lab = jnp.where(mask, labels, 0)

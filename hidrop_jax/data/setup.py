@@ -16,6 +16,7 @@ from hidrop_jax.checkpoint import copy_tokenizer, find_tokenizer
 from hidrop_jax.data.pipeline import TextImageSpec
 from hidrop_jax.data.sources import data_dir_for, load_source
 from hidrop_jax.data.tokenizer import load_tokenizer, shapes_vqa_tokenizer
+from hidrop_jax.families import family_name
 
 
 def open_data(cfg, workdir):
@@ -33,20 +34,33 @@ def open_data(cfg, workdir):
         if lead and Path(src).absolute() != tok_dir.absolute() and not tok_dir.exists():
             copy_tokenizer(src, tok_dir)
     elif d.name.startswith("shapes_vqa"):
-        tok = shapes_vqa_tokenizer(str(tok_dir) if lead else None)
+        tok = shapes_vqa_tokenizer(str(tok_dir) if lead else None, family=family_name(cfg.model))
     else:
         raise ValueError(f"data.tokenizer is empty and no tokenizer lies beside train.init_from="
                          f"{init_from!r}; dataset {d.name!r} needs a tokenizer directory")
     if len(tok) > cfg.model.text.vocab_size:
         raise ValueError(f"tokenizer has {len(tok)} tokens; model.text.vocab_size is "
                          f"{cfg.model.text.vocab_size}")
-    image_id = tok.convert_tokens_to_ids("<image>")
-    if image_id != cfg.model.image_token_id:
-        raise ValueError(f"model.image_token_id = {cfg.model.image_token_id}, but the tokenizer's "
-                         f"<image> is {image_id}")
+    check_special_tokens(cfg.model, tok)
     spec = TextImageSpec.for_model(cfg.model, template=d.template, max_len=d.max_len,
                                    num_queries=d.num_queries)
     manual = d.manual_dir or None
     train = load_source(d.name, "train", data_dir, manual_dir=manual)
     evals = load_source(d.name, d.eval_split, data_dir, manual_dir=manual)
     return tok, spec, train, evals
+
+
+# the config fields that name special tokens, per family, and the tokens they must be
+SPECIAL_FIELDS = {
+    "llava": (("image_token_id", "<image>"),),
+    "qwen2_5_vl": (("image_token_id", "<|image_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
+                   ("vision_end_token_id", "<|vision_end|>")),
+}
+
+
+def check_special_tokens(m, tok) -> None:
+    """The model's special-token ids must be the tokenizer's ids of those tokens."""
+    for field, token in SPECIAL_FIELDS[family_name(m)]:
+        got = tok.convert_tokens_to_ids(token)
+        if got != m[field]:
+            raise ValueError(f"model.{field} = {m[field]}, but the tokenizer's {token} is {got}")

@@ -15,6 +15,15 @@ exactly (by token offsets) for any fast tokenizer.
   logits the model never computes). A text-only sample (no image) keeps its question:
   `{q1}\\n{a1}\\n`.
 
+`qwen2` (Qwen2-VL / Qwen2.5-VL-Instruct's `chat_template.json`, default system message):
+    <|im_start|>system\nYou are a helpful assistant.<|im_end|>\n
+    <|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{q1}<|im_end|>\n
+    <|im_start|>assistant\n{a1}<|im_end|>\n<|im_start|>user\n{q2}<|im_end|>\n...
+  (lines joined; the image splits the text between `<|vision_start|>` and `<|vision_end|>`, the
+  processor repeats `<|image_pad|>` once per merged vision token). Answer spans: "{a}<|im_end|>"
+  (the answer and its end-of-turn token, which is what generation stops at; the "\n" after it
+  is template text).
+
 The image always sits at the start of the first question (LLaVA moves it there as well).
 """
 
@@ -24,8 +33,10 @@ from typing import NamedTuple
 
 V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
              "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-TEMPLATES = ("plain", "v1", "v1_nosys")
+QWEN_SYSTEM = "You are a helpful assistant."
+TEMPLATES = ("plain", "v1", "v1_nosys", "qwen2")
 TEMPLATE_STRINGS = (V1_SYSTEM, "USER: ASSISTANT: </s>", "\n")
+QWEN_TEMPLATE_STRINGS = (QWEN_SYSTEM, "system user assistant", "\n")  # besides special tokens
 
 
 class Rendered(NamedTuple):
@@ -41,6 +52,8 @@ def render(template: str, questions, answers, has_image: bool) -> Rendered:
         raise ValueError(f"need ≥ 1 question/answer pair; got {len(questions)} questions and "
                          f"{len(answers)} answers")
     parts: list[tuple[str, bool]] = []  # (text, is_answer) after the image
+    if template == "qwen2":
+        return _render_qwen2(questions, answers, has_image)
     if template == "plain":
         before = ""
         parts.append(("\n" if has_image else questions[0] + "\n", False))
@@ -60,4 +73,17 @@ def render(template: str, questions, answers, has_image: bool) -> Rendered:
         if is_answer:
             spans.append((len(after), len(after) + len(text)))
         after += text
+    return Rendered(before, after, spans)
+
+
+def _render_qwen2(questions, answers, has_image: bool) -> Rendered:
+    system = f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n<|im_start|>user\n"
+    before = system + "<|vision_start|>" if has_image else ""
+    after, spans = "<|vision_end|>" if has_image else system, []
+    for r, (q, a) in enumerate(zip(questions, answers)):
+        if r:
+            after += "<|im_start|>user\n"
+        after += q + "<|im_end|>\n<|im_start|>assistant\n"
+        spans.append((len(after), len(after) + len(a) + len("<|im_end|>")))
+        after += a + "<|im_end|>\n"
     return Rendered(before, after, spans)

@@ -12,11 +12,15 @@ from __future__ import annotations
 import os
 import re
 
-from hidrop_jax.data.templates import TEMPLATE_STRINGS
+from hidrop_jax.data.templates import QWEN_TEMPLATE_STRINGS, TEMPLATE_STRINGS
 from hidrop_jax.data import shapes
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<image>", "<pad>")
 UNK, BOS, EOS, IMAGE, PAD = SPECIAL_TOKENS
+# Qwen2.5-VL's special tokens (its own names; ids are ours: 0..7 as `configs/tiny_shapes_qwen.py`
+# sets them). As Qwen2.5-VL-Instruct's tokenizer: no BOS, EOS = <|im_end|>, pad = <|endoftext|>.
+QWEN_SPECIAL_TOKENS = ("<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                       "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 _WORD_RE = r"\w+|[^\w\s]|\n"
 
 
@@ -26,12 +30,14 @@ def split_words(text: str) -> list[str]:
 
 
 def build_word_tokenizer(texts, out_dir: str | None = None, *, min_count: int = 1,
-                         pad_to_multiple_of: int = 1):
+                         pad_to_multiple_of: int = 1, family: str = "llava"):
     """A word-level `PreTrainedTokenizerFast` over the words of `texts` (any iterable of str).
 
     Deterministic: ids depend only on the set of words. `pad_to_multiple_of` adds `<extra_i>`
-    tokens so the vocabulary size is a multiple of it. Saved to `out_dir` if given.
+    tokens so the vocabulary size is a multiple of it. Saved to `out_dir` if given. `family`
+    "qwen2_5_vl": Qwen's special tokens (`QWEN_SPECIAL_TOKENS`) instead of LLaVA's.
     """
+    special = QWEN_SPECIAL_TOKENS if family == "qwen2_5_vl" else SPECIAL_TOKENS
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -39,8 +45,8 @@ def build_word_tokenizer(texts, out_dir: str | None = None, *, min_count: int = 
     for t in texts:
         for w in split_words(t):
             counts[w] = counts.get(w, 0) + 1
-    words = sorted(w for w, c in counts.items() if c >= min_count and w not in SPECIAL_TOKENS)
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    words = sorted(w for w, c in counts.items() if c >= min_count and w not in special)
+    vocab = {tok: i for i, tok in enumerate(special)}
     for w in words:
         vocab[w] = len(vocab)
     i = 0
@@ -54,28 +60,33 @@ def build_word_tokenizer(texts, out_dir: str | None = None, *, min_count: int = 
         pre_tokenizers.Split(Regex(_WORD_RE), behavior="isolated"),
     ])
     tok.decoder = decoders.WordPiece(prefix="\u0000", cleanup=False)  # join with spaces
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=UNK, bos_token=BOS,
-                                 eos_token=EOS, pad_token=PAD,
-                                 additional_special_tokens=[IMAGE], padding_side="right")
+    if special is QWEN_SPECIAL_TOKENS:
+        roles = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                     additional_special_tokens=[t for t in special[2:] if t != "<|im_end|>"])
+    else:
+        roles = dict(bos_token=BOS, eos_token=EOS, pad_token=PAD, additional_special_tokens=[IMAGE])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=UNK, padding_side="right", **roles)
     if out_dir is not None:
         hf.save_pretrained(out_dir)
     return hf
 
 
-def template_texts() -> list[str]:
+def template_texts(family: str = "llava") -> list[str]:
     """Every fixed string the chat templates emit (so the word-level vocabulary covers them)."""
-    return list(TEMPLATE_STRINGS)
+    return list(QWEN_TEMPLATE_STRINGS if family == "qwen2_5_vl" else TEMPLATE_STRINGS)
 
 
-def shapes_vqa_tokenizer(out_dir: str | None = None, *, pad_to_multiple_of: int = 1):
-    """The `shapes_vqa` tokenizer: the generator's whole vocabulary + the templates' words.
+def shapes_vqa_tokenizer(out_dir: str | None = None, *, pad_to_multiple_of: int = 1,
+                         family: str = "llava"):
+    """The `shapes_vqa` tokenizer: the generator's whole vocabulary + the templates' words
+    (`family` "qwen2_5_vl": Qwen's special tokens and the `qwen2` template's words).
 
     Built from the generator's vocabulary rather than from a particular build, so small and
     full builds share one tokenizer; `tests/test_data.py` checks a build tokenizes with no
     `<unk>`. Use `build_word_tokenizer(texts_of(source))` for a vocabulary read from data.
     """
-    return build_word_tokenizer(shapes.vocabulary_texts() + template_texts(), out_dir,
-                                pad_to_multiple_of=pad_to_multiple_of)
+    return build_word_tokenizer(shapes.vocabulary_texts() + template_texts(family), out_dir,
+                                pad_to_multiple_of=pad_to_multiple_of, family=family)
 
 
 def texts_of(source):

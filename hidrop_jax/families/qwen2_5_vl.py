@@ -211,3 +211,12 @@ def patchify(m, images) -> np.ndarray:
     x = np.broadcast_to(x[:, :, :, :, :, :, None], x.shape[:6] + (t, p, p))
     return x.reshape(b, (h // p) * (w // p), c * t * p * p)
 
+
+
+def unpatchify(m, patches) -> np.ndarray:
+    """`patchify`'s inverse for one image: patches [S, C·T·P·P] -> [H, W, C] (frame 0)."""
+    v = m.vision
+    (gh, gw), p, mg, t = grid(m), v.patch_size, v.spatial_merge_size, v.temporal_patch_size
+    c = v.in_channels
+    x = np.asarray(patches, np.float32).reshape(gh // mg, gw // mg, mg, mg, c, t, p, p)[:, :, :, :, :, 0]
+    return x.transpose(0, 2, 5, 1, 3, 6, 4).reshape(gh * p, gw * p, c)

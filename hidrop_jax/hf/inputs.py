@@ -138,14 +138,14 @@ def qwen_hf_to_inputs(m, input_ids, pixel_values=None, attention_mask=None, *, i
         m = qwen.with_grid(m, image_grid_thw)
     base, slots = hf_text_stream(m, ids, mask)
     pos3 = qwen.rope_index(m, ids, mask, is_img)
-    text_rope = np.take_along_axis(pos3, slots[None], axis=2)
+    text_rope = np.take_along_axis(pos3, slots[None], axis=2).transpose(1, 0, 2)  # [B, 3, T]
     has = is_img.any(1)
     n = qwen.n_vision_tokens(m)
-    vis_rope = np.zeros((3, len(ids), n), np.int64)
+    vis_rope = np.zeros((len(ids), 3, n), np.int64)
     pixels = None
     if has.any():
         for i in np.flatnonzero(has):
-            vis_rope[:, i] = pos3[:, i, is_img[i]]
+            vis_rope[i] = pos3[:, i, is_img[i]]
         d = qwen.vision_dims(m)
         px = np.asarray(pixel_values, np.float32)
         n_img = int(has.sum())
