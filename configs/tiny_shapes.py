@@ -3,9 +3,10 @@ image block in the middle of the prompt, late injection, pyramid cuts, exit) at 
 
 Sizes are set by the 20-minute budget of `make demo` on 2 CPU cores: with 14-px patches (576
 vision tokens, LLaVA-1.5's count) a step of 16 samples takes ~3 s, so only ~300 steps fit; 28-px
-patches give 144 tokens (the smallest the demo allows) and ~0.3 s per Tok64 step with the tower
-frozen and the `v1_nosys` template (LLaVA's v1 without its constant 29-token system sentence:
-56 text rows instead of 80), so 2,500 steps. `--config.model.vision.patch_size=14` restores 576
+patches give 144 tokens (the smallest the demo allows) and 0.3–0.5 s per Tok64 step with the
+tower frozen and the `v1_nosys` template (LLaVA's v1 without its constant 29-token system
+sentence: 56 text rows instead of 80), so 1,500 steps, the budget of every row in RESULTS.md
+(2,500 took 16 of the 20 minutes on a fresh clone here). `--config.model.vision.patch_size=14` restores 576
 tokens (and needs its own tower).
 
 The LLM and projector start from N(0, 1/width) (`initializer_range` = 128^-0.5 ≈ 0.088), not
@@ -39,7 +40,7 @@ def get_config(arg: str = ""):
         image_token_id=3)
     cfg = make_config(model, arg)
     cfg.train.update(init_vision=str(Path(__file__).resolve().parents[1] / "assets" / "tiny_shapes_clip"),
-                     trainable="projector+llm", steps=2500, batch_size=16, lr=2e-3, warmup_steps=50,
+                     trainable="projector+llm", steps=1500, batch_size=16, lr=2e-3, warmup_steps=50,
                      end_lr_ratio=0.05, weight_decay=0.01, log_every=10, eval_every=500,
                      eval_batches=8, ckpt_every=200)
     # the longest conversation is 53 tokens without v1's system sentence

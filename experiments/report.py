@@ -348,7 +348,7 @@ def write_report(setup, out: Path, seeds) -> Path:
         *([] if setup.steps == DEFAULT_STEPS else [
             f"**This report is for a {setup.steps}-step budget, not the default {DEFAULT_STEPS}; the "
             "reasoning below is the default's.**", ""]),
-        f"{setup.steps} steps of {setup.batch} samples per row, for every row (the demo trains 2,500). "
+        f"{setup.steps} steps of {setup.batch} samples per row, for every row (as the demo trains). "
         "Chosen so that one seed of the methods table fits in about 2 hours of an otherwise idle "
         "2-core machine: its 9 trained models at the step times `make demo` measured here (Tok64 "
         "0.29 s, vanilla 0.70 s per step) scaled by the timing pass's ratios sum to ~3.4 s per step "

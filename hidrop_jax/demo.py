@@ -7,7 +7,7 @@
 4. export to Hugging Face format and evaluate the export with PyTorch, vanilla (plain HF LLaVA)
    and under the trained schedule (the export's HiDrop modeling code, `trust_remote_code`).
 
-    python -m hidrop_jax.demo [--workdir runs/demo] [--steps 2500] [--schedule tok64] [--from-scratch]
+    python -m hidrop_jax.demo [--workdir runs/demo] [--steps 1500] [--schedule tok64] [--from-scratch]
 
 Rerunning resumes: the dataset, the checkpoints and the export are reused when present.
 """
@@ -41,7 +41,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m hidrop_jax.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="runs/demo")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (config default 2500)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (config default 1500)")
     ap.add_argument("--schedule", default="tok64", help="HiDrop preset to train with")
     ap.add_argument("--data", default="shapes_vqa", help="dataset spec (small: shapes_vqa/small)")
     ap.add_argument("--from-scratch", action="store_true",
