@@ -137,6 +137,31 @@ def check_beams(gc, kwargs, schedule):
                          "sampling), or set_hidrop_schedule('vanilla')")
 
 
+class HiDropSchedule:
+    """The schedule API of both modeling files: `config.hidrop`, validated against the decoder's
+    depth and `_hidrop_n_vision` (None: keep counts are checked per sample when the model runs)."""
+
+    _hidrop_n_vision = None
+
+    def set_hidrop_schedule(self, schedule=None, **fields):
+        """Sets (and validates) `config.hidrop`. `schedule`: a dict of fields, None or "vanilla";
+        `fields` override single fields of the current (or given) schedule, e.g.
+        `set_hidrop_schedule(exit_layer=None)`."""
+        if schedule is None and fields:
+            schedule = dict(getattr(self.config, "hidrop", None) or {})
+        if fields:
+            schedule = dict({} if schedule in (None, "vanilla") else schedule, **fields)
+        self.config.hidrop = validate_schedule(schedule, self.config.text_config.num_hidden_layers,
+                                               self._hidrop_n_vision)
+        return self.config.hidrop
+
+    @property
+    def hidrop_schedule(self):
+        """The validated schedule in force (None = vanilla); `config.hidrop` may be edited directly."""
+        return validate_schedule(getattr(self.config, "hidrop", None),
+                                 self.config.text_config.num_hidden_layers, self._hidrop_n_vision)
+
+
 def default_order(attention_mask):
     """HF generation's positions of a padded batch: cumsum(attention_mask) − 1, padding at 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -33,9 +33,9 @@ import torch
 from transformers import DynamicCache, LlavaConfig, LlavaForConditionalGeneration
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
-from .hidrop_torch import (check_beams, check_query_index, decode, default_order, keep_counts,
-                           prefill, register_weight_names, slice_hidden, tokens_per_layer,
-                           validate_schedule)
+from .hidrop_torch import (HiDropSchedule, check_beams, check_query_index, decode, default_order,
+                           keep_counts, prefill, register_weight_names, slice_hidden,
+                           tokens_per_layer)
 
 
 class HiDropLlavaConfig(LlavaConfig):
@@ -46,7 +46,7 @@ class HiDropLlavaConfig(LlavaConfig):
     hidrop: dict | None = None
 
 
-class HiDropLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+class HiDropLlavaForConditionalGeneration(HiDropSchedule, LlavaForConditionalGeneration):
     """LLaVA running the HiDrop schedule of `config.hidrop` (vanilla when None)."""
 
     config_class = HiDropLlavaConfig
@@ -62,23 +62,7 @@ class HiDropLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def n_vision(self) -> int:
         return int(self.config.image_seq_length)
 
-    def set_hidrop_schedule(self, schedule=None, **fields):
-        """Sets (and validates) `config.hidrop`. `schedule`: a dict of fields, None or "vanilla";
-        `fields` override single fields of the current (or given) schedule, e.g.
-        `set_hidrop_schedule(exit_layer=None)`."""
-        if schedule is None and fields:
-            schedule = dict(getattr(self.config, "hidrop", None) or {})
-        if fields:
-            schedule = dict({} if schedule in (None, "vanilla") else schedule, **fields)
-        h = validate_schedule(schedule, self.config.text_config.num_hidden_layers, self.n_vision)
-        self.config.hidrop = h
-        return h
-
-    @property
-    def hidrop_schedule(self):
-        """The validated schedule in force (None = vanilla); `config.hidrop` may be edited directly."""
-        return validate_schedule(getattr(self.config, "hidrop", None),
-                                 self.config.text_config.num_hidden_layers, self.n_vision)
+    _hidrop_n_vision = n_vision
 
     def vision_tokens_per_layer(self) -> list:
         """Vision tokens each decoder layer holds for a sample with an image."""

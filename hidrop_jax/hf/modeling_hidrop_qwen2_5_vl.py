@@ -39,9 +39,9 @@ import torch
 from transformers import DynamicCache, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
 
-from .hidrop_torch import (check_beams, check_query_index, decode, default_order, keep_counts,
-                           prefill, register_weight_names, slice_hidden, tokens_per_layer,
-                           validate_schedule)
+from .hidrop_torch import (HiDropSchedule, check_beams, check_query_index, decode, default_order,
+                           keep_counts, prefill, register_weight_names, slice_hidden,
+                           tokens_per_layer)
 
 
 class HiDropQwen2_5_VLConfig(Qwen2_5_VLConfig):
@@ -53,7 +53,7 @@ class HiDropQwen2_5_VLConfig(Qwen2_5_VLConfig):
     hidrop: dict | None = None
 
 
-class HiDropQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+class HiDropQwen2_5_VLForConditionalGeneration(HiDropSchedule, Qwen2_5_VLForConditionalGeneration):
     """Qwen2.5-VL running the HiDrop schedule of `config.hidrop` (vanilla when None)."""
 
     config_class = HiDropQwen2_5_VLConfig
@@ -68,24 +68,6 @@ class HiDropQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
     @property
     def _n_layers(self) -> int:
         return self.config.text_config.num_hidden_layers
-
-    def set_hidrop_schedule(self, schedule=None, **fields):
-        """Sets (and validates) `config.hidrop`. `schedule`: a dict of fields, None or "vanilla";
-        `fields` override single fields of the current (or given) schedule, e.g.
-        `set_hidrop_schedule(exit_layer=None)`. Keep counts are checked against each sample's
-        vision tokens when it runs (the count follows the image's grid)."""
-        if schedule is None and fields:
-            schedule = dict(getattr(self.config, "hidrop", None) or {})
-        if fields:
-            schedule = dict({} if schedule in (None, "vanilla") else schedule, **fields)
-        h = validate_schedule(schedule, self._n_layers)
-        self.config.hidrop = h
-        return h
-
-    @property
-    def hidrop_schedule(self):
-        """The validated schedule in force (None = vanilla); `config.hidrop` may be edited directly."""
-        return validate_schedule(getattr(self.config, "hidrop", None), self._n_layers)
 
     def vision_tokens_per_layer(self, n_vision: int) -> list:
         """Vision tokens each decoder layer holds for a sample with `n_vision` of them."""
