@@ -143,6 +143,11 @@ class HiDropSchedule:
 
     _hidrop_n_vision = None
 
+    def __init__(self, config):
+        super().__init__(config)  # the HF model class that follows this one in the MRO
+        self.hidrop_kept = None  # after each prefill: the kept vision tokens' indices per cut
+        self.set_hidrop_schedule(getattr(config, "hidrop", None))
+
     def set_hidrop_schedule(self, schedule=None, **fields):
         """Sets (and validates) `config.hidrop`. `schedule`: a dict of fields, None or "vanilla";
         `fields` override single fields of the current (or given) schedule, e.g.

@@ -51,11 +51,6 @@ class HiDropLlavaForConditionalGeneration(HiDropSchedule, LlavaForConditionalGen
 
     config_class = HiDropLlavaConfig
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.hidrop_kept = None
-        self.set_hidrop_schedule(getattr(config, "hidrop", None))
-
     # ------------------------------------------------------------------ schedule
 
     @property

@@ -58,11 +58,6 @@ class HiDropQwen2_5_VLForConditionalGeneration(HiDropSchedule, Qwen2_5_VLForCond
 
     config_class = HiDropQwen2_5_VLConfig
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.hidrop_kept = None
-        self.set_hidrop_schedule(getattr(config, "hidrop", None))
-
     # ------------------------------------------------------------------ schedule
 
     @property
