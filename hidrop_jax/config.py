@@ -300,8 +300,10 @@ def upgrade(cfg) -> ml_collections.ConfigDict:
         for k, d in (("positions", "persistent"), ("temperature", 0.1)):
             if k not in h:
                 h[k] = d
-    if "train" in cfg and "init_from" not in cfg.train:
-        cfg.train.init_from = ""
+    if "train" in cfg:  # fields added since the config was written take their defaults
+        for k, v in train_defaults().items():
+            if k not in cfg.train:
+                cfg.train[k] = v
     return cfg
 
 
@@ -356,10 +358,10 @@ def validate_train(cfg) -> None:
          f"a multiple of train.grad_accum = {t.grad_accum}")
     need("train.mesh", len(t.mesh) == 3 and all(isinstance(x, int) and (x > 0 or x == -1) for x in t.mesh),
          "(data, fsdp, tensor): three positive ints, one of them may be -1")
-    peak = t.get("peak_tflops")
+    peak = t.peak_tflops
     need("train.peak_tflops", peak is None or (num(peak) and peak > 0),
          "None (the chip's bf16 peak from hidrop_jax.perf) or a positive float (TFLOP/s per device)")
-    w = t.get("profile_steps")
+    w = t.profile_steps
     need("train.profile_steps", w is None or (
         isinstance(w, (tuple, list)) and len(w) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
                                                              for x in w) and 0 <= w[0] < w[1] <= t.steps),

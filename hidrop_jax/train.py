@@ -339,11 +339,11 @@ def train(cfg, workdir) -> dict:
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     step_fn = jit_train_step(cfg, tx, state_sh)
     writer = _Writer(workdir, enabled=lead)
-    n_dev, peak = jax.device_count(), perf.peak_tflops(jax.devices(), t.get("peak_tflops"))
+    n_dev, peak = jax.device_count(), perf.peak_tflops(jax.devices(), t.peak_tflops)
     if lead:
         log.info("%s: %s TFLOP/s peak per device; %.3g model FLOPs and %d tokens per step",
                  jax.devices()[0].device_kind, peak, perf.model_flops(cfg, "train"), perf.tokens_per_step(cfg))
-    profile = StepProfile(t.get("profile_steps"), workdir)
+    profile = StepProfile(t.profile_steps, workdir)
     # a logging window: its first step, its start, and the seconds in it that are not training
     # steps (compile, evaluation, checkpoints), left out of the per-step figures
     metrics, compiled, win_start, t0, paused, seen = {}, None, start, time.time(), 0.0, 0
