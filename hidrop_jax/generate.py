@@ -85,7 +85,10 @@ def rope_delta(inputs: Inputs, next_pos):
     if inputs.text_rope is None:
         return None
     top = jnp.max(jnp.where(inputs.text_valid[:, None], inputs.text_rope, -1), axis=(1, 2))
-    vis = jnp.max(inputs.vision_rope, axis=(1, 2))
+    vis_rope = inputs.vision_rope
+    if inputs.vision_valid is not None:  # dead slots' rotary positions are arbitrary
+        vis_rope = jnp.where(inputs.vision_valid[:, None], vis_rope, -1)
+    vis = jnp.max(vis_rope, axis=(1, 2))
     top = jnp.maximum(top, jnp.where(inputs.has_image, vis, -1))
     return (top + 1 - next_pos).astype(jnp.int32)
 
@@ -217,7 +220,7 @@ def check_inputs(cfg, inputs: Inputs, max_new_tokens: int) -> None:
     """Fails on what generation cannot serve, naming the sample and the limit."""
     m = cfg.model
     checks.check_inputs(m, inputs)
-    n = n_vision_tokens(m)
+    n_vision = n_vision_tokens(m)
     valid = np.asarray(inputs.text_valid)
     pos = np.asarray(inputs.text_pos)
     has_image = np.asarray(inputs.has_image)
@@ -233,6 +236,7 @@ def check_inputs(cfg, inputs: Inputs, max_new_tokens: int) -> None:
         if not valid[i].any():
             raise ValueError(f"sample {i} has an empty prompt (no valid text token)")
         last_text = pos[i][valid[i]].max()
+        n = n_vision if inputs.vision_valid is None else int(np.asarray(inputs.vision_valid[i]).sum())
         if has_image[i] and slot[i] + n - 1 > last_text:
             raise ValueError(
                 f"sample {i}: the prompt ends with the image; generation needs at least one text "
