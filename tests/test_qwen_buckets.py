@@ -20,6 +20,8 @@ from hidrop_jax.hf.inputs import qwen_hf_to_inputs
 from hidrop_jax.model import encode_image, forward, forward_hf
 from test_qwen25vl_hidrop import N_LAYERS, _samples, _with_schedule, reference
 
+pytestmark = pytest.mark.slow  # ~5 min on 2 shared cores: HF models, 2 training compiles
+
 CANON = (16, 16)  # 8×8 patches, 4×4 = 16 merged tokens = N; windows of 2×2 merged tokens
 BUCKETS = ((16, 16), (8, 16), (16, 8))  # 2×4 and 4×2 merged tokens: n_b = 8 of N = 16
 SCHEDULES = {  # (inject, prune_after, keep, exit); keep counts out of N = 16
@@ -179,3 +181,101 @@ def test_grid_beyond_n_fails(pair):
     batch = make_batch([5], [2], h_px=16, w_px=24, seed=1)  # 24 merged tokens > N = 16
     with pytest.raises(ValueError, match="at most image_size's 16"):
         forward_hf(cfg, params, **batch)
+
+
+# ----------------------------------------------------------------------------- data and training
+
+def _llava_json_dir(root):
+    """llava_json records with landscape (2:1), portrait (1:2) and square images, and a
+    text-only one: mixed aspect ratios as a real run reads them."""
+    import json
+    from PIL import Image
+    (root / "imgs").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    sizes = {"wide": (60, 120), "tall": (120, 60), "square": (90, 90)}
+    for name, (h, w) in sizes.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / f"imgs/{name}.png")
+    H, G = "human", "gpt"
+    recs = []
+    for i in range(14):
+        kind = ("wide", "tall", "square", "wide", "tall", "wide", "tall")[i % 7]
+        recs.append({"id": f"{kind}{i}", "image": f"imgs/{kind}.png", "conversations": [
+            {"from": H, "value": "<image>\nwhat color is the square ?"}, {"from": G, "value": "red"}]})
+    recs.append({"id": "text", "conversations": [
+        {"from": H, "value": "what color is the circle ?"}, {"from": G, "value": "blue"}]})
+    (root / "data.json").write_text(json.dumps(recs))
+    return len(recs)
+
+
+TRAIN_BUCKETS = ((112, 224), (224, 112))  # 4×8 and 8×4 merged tokens of image_size's 8×8 = 64
+
+
+def _train_cfg(tmp_path):
+    from pathlib import Path
+    from hidrop_jax.config import load_config
+    from hidrop_jax.data.tokenizer import shapes_vqa_tokenizer
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(str(root / "configs" / "tiny_shapes_qwen.py") + ":schedule=tok64")
+    cfg.model = fam.with_buckets(cfg.model, TRAIN_BUCKETS)
+    cfg.model.text.num_layers = 4
+    n = _llava_json_dir(tmp_path / "manual")
+    shapes_vqa_tokenizer(str(tmp_path / "tok"), family="qwen2_5_vl")
+    cfg.data.update(name="llava_json:json_file=data.json,num_validation=3",
+                    manual_dir=str(tmp_path / "manual"), tokenizer=str(tmp_path / "tok"),
+                    data_dir=str(tmp_path / "tfds"))
+    cfg.train.update(dict(steps=6, batch_size=2, lr=3e-3, warmup_steps=1, log_every=1,
+                          eval_every=1000, eval_batches=1, ckpt_every=6, async_ckpt=False))
+    return cfg, n
+
+
+def test_pipeline_groups_by_bucket(tmp_path):
+    """Each image goes to the bucket nearest its aspect ratio (the square one ties: the first
+    listed), each batch holds one bucket, one pass sees every record once, and the M-RoPE rows
+    equal HF's `get_rope_index` on the sequence with the bucket's n_b image tokens."""
+    from hidrop_jax.data import pipeline as data_lib
+    from hidrop_jax.data.setup import open_data
+    from hidrop_jax.hf.inputs import expand_image_tokens
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
+    cfg, _ = _train_cfg(tmp_path)
+    tok, spec, train_src, _ = open_data(cfg, tmp_path / "w")
+    batches = list(data_lib.eval_batches(train_src, tok, spec, batch_size=3))
+    ids = [str(i) for b in batches for i, v in zip(b["id"], b["example_valid"]) if v]
+    name = lambda x: x.decode() if isinstance(x, bytes) else str(x)  # noqa: E731
+    assert sorted(ids) == sorted(name(train_src[i]["id"]) for i in range(len(train_src)))
+    want = {"wide": (4, 8), "tall": (8, 4), "square": (4, 8)}
+    hfm = Qwen2_5_VLModel(Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=32),
+        vision_config=dict(depth=1, hidden_size=16, num_heads=2, out_hidden_size=32, patch_size=14,
+                           spatial_merge_size=2), image_token_id=cfg.model.image_token_id,
+        video_token_id=cfg.model.video_token_id, vision_start_token_id=cfg.model.vision_start_token_id))
+    for b in batches:
+        grid = b["pixels"].shape[1:3]
+        assert b["pixels"].ndim == 4 and grid in want.values()
+        for i, name in enumerate(b["id"]):
+            if not b["example_valid"][i] or not b["has_image"][i]:
+                continue
+            assert want[str(name).rstrip("0123456789")] == grid
+            n_b = grid[0] * grid[1]
+            assert b["vision_valid"][i].sum() == n_b and b["vision_valid"][i][:n_b].all()
+            one = {k: v[i:i + 1] for k, v in b.items()}
+            full, mask, cols = expand_image_tokens(one, cfg.model.image_token_id, n_b)
+            # drop the dead slots: HF's sequence has the bucket's n_b image tokens only
+            pos3, _ = hfm.get_rope_index(torch.tensor(full), torch.tensor((full == cfg.model.image_token_id).astype(np.int64)),
+                                         torch.tensor([[1, 2 * grid[0], 2 * grid[1]]]),
+                                         attention_mask=torch.tensor(mask))
+            pos3 = pos3.numpy()[:, 0]
+            valid = one["text_valid"][0]
+            np.testing.assert_array_equal(b["text_rope"][i][:, valid], pos3[:, cols[0]][:, valid])
+            slot = int(b["image_slot"][i])
+            np.testing.assert_array_equal(b["vision_rope"][i][:, :n_b], pos3[:, slot:slot + n_b])
+
+
+def test_training_compiles_one_step_per_bucket(tmp_path):
+    """`train.train` on mixed-aspect llava_json data: the loss is finite and the step was
+    compiled once per bucket seen (≤ the two buckets; both appear in 6 batches of 2)."""
+    from hidrop_jax import train as train_lib
+    cfg, _ = _train_cfg(tmp_path)
+    metrics = train_lib.train(cfg, tmp_path / "run")
+    assert np.isfinite(metrics["loss"])
+    assert metrics["compiled_step_shapes"] == len(TRAIN_BUCKETS)
