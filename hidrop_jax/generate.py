@@ -340,9 +340,14 @@ def prompt_inputs(cfg, tokenizer, prompt: str, pixels=None, template: str = "v1"
     pos = [i if i < len(head) else i + n for i in range(len(ids))]
     rope = {}
     if family_name(cfg.model) != "llava":  # M-RoPE rows, as the data pipeline numbers them
+        patch_grid = None  # bucketed pixels [gh/m, gw/m, ·] (`qwen.image_input`) carry their grid
+        if has_image and np.ndim(pixels) == 3:
+            mg = cfg.model.vision.spatial_merge_size
+            patch_grid = (pixels.shape[0] * mg, pixels.shape[1] * mg)
+            rope["vision_valid"] = jnp.asarray(qwen.live_slots(cfg.model, patch_grid))[None]
         t, v = qwen_rope(cfg.model, np.asarray(pos), np.ones(len(ids), bool), len(head),
-                         has_image, n_vision_tokens(cfg.model))
-        rope = dict(text_rope=jnp.asarray(t)[None], vision_rope=jnp.asarray(v)[None])
+                         has_image, n_vision_tokens(cfg.model), patch_grid)
+        rope.update(text_rope=jnp.asarray(t)[None], vision_rope=jnp.asarray(v)[None])
     return Inputs(
         text_ids=jnp.asarray([ids], jnp.int32), text_pos=jnp.asarray([pos], jnp.int32),
         text_valid=jnp.ones((1, len(ids)), bool), image_slot=jnp.asarray([len(head)], jnp.int32),
@@ -402,7 +407,7 @@ def main(argv=None):
         try:
             raw = Path(args.image).read_bytes()
             pixels = (preprocess(raw, cfg.model.vision.image_size) if family_name(cfg.model) == "llava"
-                      else qwen.preprocess(cfg.model, raw))  # Qwen: patches at its fixed grid
+                      else qwen.image_input(cfg.model, raw)[0])  # Qwen: patches, its grid or bucket
         except (OSError, ValueError) as e:
             raise ValueError(f"--image {args.image} cannot be read as an image ({e})") from None
     template = args.template or ("data" in cfg and cfg.data.get("template")) or "v1"

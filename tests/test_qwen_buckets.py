@@ -228,6 +228,43 @@ def _train_cfg(tmp_path):
     return cfg, n
 
 
+def _hf_rope_model(cfg):
+    """A minimal HF Qwen2.5-VL, for its `get_rope_index` only."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
+    return Qwen2_5_VLModel(Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=32),
+        vision_config=dict(depth=1, hidden_size=16, num_heads=2, out_hidden_size=32, patch_size=14,
+                           spatial_merge_size=2), image_token_id=cfg.model.image_token_id,
+        video_token_id=cfg.model.video_token_id, vision_start_token_id=cfg.model.vision_start_token_id))
+
+
+def test_prompt_inputs_take_the_nearest_bucket(tmp_path):
+    """`generate`'s CLI path: a tall image -> the 8×4 bucket, its 32 live slots, and M-RoPE rows
+    equal to HF's `get_rope_index` for that grid."""
+    from PIL import Image
+    from hidrop_jax.data.setup import open_data
+    from hidrop_jax.generate import prompt_inputs
+    from hidrop_jax.hf.inputs import expand_image_tokens
+    cfg, _ = _train_cfg(tmp_path)
+    tok, _, _, _ = open_data(cfg, tmp_path / "w")
+    img = Image.fromarray(np.full((100, 40, 3), 128, np.uint8))
+    pixels, grid = fam.image_input(cfg.model, img)
+    assert grid == (16, 8) and pixels.shape[:2] == (8, 4)
+    inputs = prompt_inputs(cfg, tok, "what color is the square ?", pixels, "qwen2")
+    n_b = 32
+    assert np.asarray(inputs.vision_valid).sum() == n_b and np.asarray(inputs.vision_valid)[0, :n_b].all()
+    one = {k: np.asarray(getattr(inputs, k)) for k in ("text_ids", "text_valid", "image_slot", "has_image")}
+    full, mask, cols = expand_image_tokens(one, cfg.model.image_token_id, n_b)
+    pos3, _ = _hf_rope_model(cfg).get_rope_index(
+        torch.tensor(full), torch.tensor((full == cfg.model.image_token_id).astype(np.int64)),
+        torch.tensor([[1, 16, 8]]), attention_mask=torch.tensor(mask))
+    pos3 = pos3.numpy()[:, 0]
+    np.testing.assert_array_equal(np.asarray(inputs.text_rope)[0], pos3[:, cols[0]])
+    slot = int(inputs.image_slot[0])
+    np.testing.assert_array_equal(np.asarray(inputs.vision_rope)[0][:, :n_b], pos3[:, slot:slot + n_b])
+
+
 def test_pipeline_groups_by_bucket(tmp_path):
     """Each image goes to the bucket nearest its aspect ratio (the square one ties: the first
     listed), each batch holds one bucket, one pass sees every record once, and the M-RoPE rows
@@ -235,7 +272,6 @@ def test_pipeline_groups_by_bucket(tmp_path):
     from hidrop_jax.data import pipeline as data_lib
     from hidrop_jax.data.setup import open_data
     from hidrop_jax.hf.inputs import expand_image_tokens
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
     cfg, _ = _train_cfg(tmp_path)
     tok, spec, train_src, _ = open_data(cfg, tmp_path / "w")
     batches = list(data_lib.eval_batches(train_src, tok, spec, batch_size=3))
@@ -243,12 +279,7 @@ def test_pipeline_groups_by_bucket(tmp_path):
     name = lambda x: x.decode() if isinstance(x, bytes) else str(x)  # noqa: E731
     assert sorted(ids) == sorted(name(train_src[i]["id"]) for i in range(len(train_src)))
     want = {"wide": (4, 8), "tall": (8, 4), "square": (4, 8)}
-    hfm = Qwen2_5_VLModel(Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, intermediate_size=32),
-        vision_config=dict(depth=1, hidden_size=16, num_heads=2, out_hidden_size=32, patch_size=14,
-                           spatial_merge_size=2), image_token_id=cfg.model.image_token_id,
-        video_token_id=cfg.model.video_token_id, vision_start_token_id=cfg.model.vision_start_token_id))
+    hfm = _hf_rope_model(cfg)
     for b in batches:
         grid = b["pixels"].shape[1:3]
         assert b["pixels"].ndim == 4 and grid in want.values()

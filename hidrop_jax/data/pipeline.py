@@ -241,17 +241,16 @@ def _qwen_image(record, text: dict, spec: TextImageSpec, has_image: bool) -> dic
 def _qwen_bucketed_image(m, record, text: dict, spec: TextImageSpec, has_image: bool) -> dict:
     v = m.vision
     if has_image:
-        im = image_lib.decode(record["image"])
-        size = qwen.bucket_for(m, im.height, im.width)
-        patches = qwen.preprocess(m, im, size)
-    else:
+        pixels, patch_grid = qwen.image_input(m, record["image"])
+    else:  # no image: the first bucket's shape, zeros
         size = qwen.buckets(m)[0]
-        patches = np.zeros(((size[0] // v.patch_size) * (size[1] // v.patch_size),
-                            v.in_channels * v.temporal_patch_size * v.patch_size ** 2), np.float32)
-    patch_grid = (size[0] // v.patch_size, size[1] // v.patch_size)
+        patch_grid = (size[0] // v.patch_size, size[1] // v.patch_size)
+        pixels = qwen.bucket_pixels(m, np.zeros((patch_grid[0] * patch_grid[1], v.in_channels
+                                                 * v.temporal_patch_size * v.patch_size ** 2),
+                                                np.float32), patch_grid)
     t, vis = qwen_rope(m, text["text_pos"], text["text_valid"], int(text["image_slot"]), has_image,
                        spec.n_vision, patch_grid)
-    return dict(pixels=qwen.bucket_pixels(m, patches, patch_grid), text_rope=t, vision_rope=vis,
+    return dict(pixels=pixels, text_rope=t, vision_rope=vis,
                 vision_valid=qwen.live_slots(m, patch_grid) & has_image)
 
 

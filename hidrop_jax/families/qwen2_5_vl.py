@@ -287,6 +287,18 @@ def preprocess(m, image, size=None) -> np.ndarray:
     return patchify(m, x[None])[0]
 
 
+def image_input(m, image):
+    """An image -> (pixels, patch_grid): patches [S, C·T·P·P] at `image_size`'s grid and None
+    without buckets; with buckets, bucketed pixels [gh/m, gw/m, m²·C·T·P·P] at the bucket
+    nearest its aspect ratio and that bucket's (rows, cols) of patches."""
+    if not buckets(m):
+        return preprocess(m, image), None
+    im = decode(image)
+    size = bucket_for(m, im.height, im.width)
+    patch_grid = (size[0] // m.vision.patch_size, size[1] // m.vision.patch_size)
+    return bucket_pixels(m, preprocess(m, im, size), patch_grid), patch_grid
+
+
 def patchify(m, images) -> np.ndarray:
     """Images [B, H, W, C] (already resized and normalised, H×W = `image_size`) -> the
     processor's flattened patches [B, S, C·T·P·P]: still images repeated over T, merge-block-major."""
