@@ -29,6 +29,10 @@ class Inputs(NamedTuple):
     # tokens rotate by their order. A kept vision token keeps its own rotary position.
     text_rope: Optional[jax.Array] = None
     vision_rope: Optional[jax.Array] = None
+    # [B, N] bool: vision slots holding an image token. False = a dead slot (an image bucket with
+    # fewer tokens than N): never attended, never kept while a live one is dropped, no loss.
+    # None: every slot of a sample with an image is live (the fixed grid; LLaVA).
+    vision_valid: Optional[jax.Array] = None
 
 
 class Targets(NamedTuple):
@@ -42,13 +46,14 @@ class Targets(NamedTuple):
 INPUT_KEYS = ("text_ids", "text_pos", "text_valid", "image_slot", "has_image", "pixels",
               "query_idx", "query_valid")
 ROPE_KEYS = ("text_rope", "vision_rope")  # only in batches of M-RoPE families
+OPTIONAL_KEYS = ROPE_KEYS + ("vision_valid",)  # vision_valid: only in bucketed batches
 
 
 def to_inputs(batch: dict, *, with_pixels: bool = True):
     """A batch -> (`Inputs`, `Targets`), numpy arrays (wrap with jnp, or shard with
     `sharding.put_batch`)."""
     kw = {k: batch[k] for k in INPUT_KEYS}
-    kw.update({k: batch[k] for k in ROPE_KEYS if k in batch})
+    kw.update({k: batch[k] for k in OPTIONAL_KEYS if k in batch})
     if not with_pixels:
         kw["pixels"] = None
     return Inputs(**kw), Targets(batch["labels"], batch["loss_mask"], batch["label_round"],

@@ -85,7 +85,10 @@ def rope_delta(inputs: Inputs, next_pos):
     if inputs.text_rope is None:
         return None
     top = jnp.max(jnp.where(inputs.text_valid[:, None], inputs.text_rope, -1), axis=(1, 2))
-    vis = jnp.max(inputs.vision_rope, axis=(1, 2))
+    vis_rope = inputs.vision_rope
+    if inputs.vision_valid is not None:  # dead slots' rotary positions are arbitrary
+        vis_rope = jnp.where(inputs.vision_valid[:, None], vis_rope, -1)
+    vis = jnp.max(vis_rope, axis=(1, 2))
     top = jnp.maximum(top, jnp.where(inputs.has_image, vis, -1))
     return (top + 1 - next_pos).astype(jnp.int32)
 
@@ -217,7 +220,7 @@ def check_inputs(cfg, inputs: Inputs, max_new_tokens: int) -> None:
     """Fails on what generation cannot serve, naming the sample and the limit."""
     m = cfg.model
     checks.check_inputs(m, inputs)
-    n = n_vision_tokens(m)
+    n_vision = n_vision_tokens(m)
     valid = np.asarray(inputs.text_valid)
     pos = np.asarray(inputs.text_pos)
     has_image = np.asarray(inputs.has_image)
@@ -233,6 +236,7 @@ def check_inputs(cfg, inputs: Inputs, max_new_tokens: int) -> None:
         if not valid[i].any():
             raise ValueError(f"sample {i} has an empty prompt (no valid text token)")
         last_text = pos[i][valid[i]].max()
+        n = n_vision if inputs.vision_valid is None else int(np.asarray(inputs.vision_valid[i]).sum())
         if has_image[i] and slot[i] + n - 1 > last_text:
             raise ValueError(
                 f"sample {i}: the prompt ends with the image; generation needs at least one text "
@@ -336,9 +340,14 @@ def prompt_inputs(cfg, tokenizer, prompt: str, pixels=None, template: str = "v1"
     pos = [i if i < len(head) else i + n for i in range(len(ids))]
     rope = {}
     if family_name(cfg.model) != "llava":  # M-RoPE rows, as the data pipeline numbers them
+        patch_grid = None  # bucketed pixels [gh/m, gw/m, ·] (`qwen.image_input`) carry their grid
+        if has_image and np.ndim(pixels) == 3:
+            mg = cfg.model.vision.spatial_merge_size
+            patch_grid = (pixels.shape[0] * mg, pixels.shape[1] * mg)
+            rope["vision_valid"] = jnp.asarray(qwen.live_slots(cfg.model, patch_grid))[None]
         t, v = qwen_rope(cfg.model, np.asarray(pos), np.ones(len(ids), bool), len(head),
-                         has_image, n_vision_tokens(cfg.model))
-        rope = dict(text_rope=jnp.asarray(t)[None], vision_rope=jnp.asarray(v)[None])
+                         has_image, n_vision_tokens(cfg.model), patch_grid)
+        rope.update(text_rope=jnp.asarray(t)[None], vision_rope=jnp.asarray(v)[None])
     return Inputs(
         text_ids=jnp.asarray([ids], jnp.int32), text_pos=jnp.asarray([pos], jnp.int32),
         text_valid=jnp.ones((1, len(ids)), bool), image_slot=jnp.asarray([len(head)], jnp.int32),
@@ -398,7 +407,7 @@ def main(argv=None):
         try:
             raw = Path(args.image).read_bytes()
             pixels = (preprocess(raw, cfg.model.vision.image_size) if family_name(cfg.model) == "llava"
-                      else qwen.preprocess(cfg.model, raw))  # Qwen: patches at its fixed grid
+                      else qwen.image_input(cfg.model, raw)[0])  # Qwen: patches, its grid or bucket
         except (OSError, ValueError) as e:
             raise ValueError(f"--image {args.image} cannot be read as an image ({e})") from None
     template = args.template or ("data" in cfg and cfg.data.get("template")) or "v1"

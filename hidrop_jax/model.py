@@ -243,6 +243,9 @@ def forward_hidden(cfg, params, inputs: Inputs, *, vision=None, collect_kv: bool
         vis_kv = project_kv(m, layers, s.inject_layer, vision)
     vis_idx = jnp.broadcast_to(jnp.arange(s.n_vision, dtype=jnp.int32), (b, s.n_vision))
     alive = jnp.broadcast_to(inputs.has_image[:, None], (b, s.n_vision))
+    if inputs.vision_valid is not None:  # dead slots of a smaller image bucket: never alive
+        alive = alive & inputs.vision_valid
+    live = alive  # the slots that may ever be alive (a cut's extra picks among dead stay dead)
     if inputs.query_idx is None:
         q_idx, q_valid = last_prompt_row(inputs)
     else:
@@ -289,7 +292,7 @@ def forward_hidden(cfg, params, inputs: Inputs, *, vision=None, collect_kv: bool
             aux["kept"].append(jnp.take_along_axis(vis_idx, idx, axis=1))
             if s.selection == "mask":  # keep every slot, switch the dropped ones off as keys
                 rows = jnp.arange(b)[:, None]
-                alive = jnp.zeros_like(alive).at[rows, idx].set(True) & inputs.has_image[:, None]
+                alive = jnp.zeros_like(alive).at[rows, idx].set(True) & live
                 g = jnp.ones(alive.shape, gate.dtype).at[rows, idx].set(gate)
             else:
                 x_vis = jnp.take_along_axis(x_vis, idx[..., None], axis=1)

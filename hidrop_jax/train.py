@@ -346,22 +346,23 @@ def train(cfg, workdir) -> dict:
     profile = StepProfile(t.profile_steps, workdir)
     # a logging window: its first step, its start, and the seconds in it that are not training
     # steps (compile, evaluation, checkpoints), left out of the per-step figures
-    metrics, compiled, win_start, t0, paused, seen = {}, None, start, time.time(), 0.0, 0
+    metrics, compiled, win_start, t0, paused, seen = {}, {}, start, time.time(), 0.0, 0
     bar = tqdm(total=t.steps, initial=start, disable=not lead, dynamic_ncols=True, desc="train")
     preempt = Preemption(mgr)
     try:
         for step in range(start, t.steps):
             batch = next(data_iter)
             inputs, targets = shard_lib.put_batch(batch, mesh)
-            if compiled is None:  # compiled once, ahead of time, so its memory can be reported
-                tc = time.time()
+            shapes = _batch_shapes(inputs, targets)
+            if shapes not in compiled:  # compiled ahead of time, so its memory can be reported;
+                tc = time.time()        # once per batch shape (Qwen image buckets: one each)
                 with jax.set_mesh(mesh):  # the Pallas attention's shard_map reads it
-                    compiled = step_fn.lower(state, inputs, targets).compile()
+                    compiled[shapes] = step_fn.lower(state, inputs, targets).compile()
                 paused += time.time() - tc
                 if lead:
-                    log.info("train step memory: %s", memory_report(compiled))
+                    log.info("train step memory: %s", memory_report(compiled[shapes]))
             paused += profile.before(step)
-            state, m = compiled(state, inputs, targets)
+            state, m = compiled[shapes](state, inputs, targets)
             paused += profile.after(step, state)
             seen += int(np.asarray(batch["text_valid"]).sum())
             preempted = preempt.reached(step + 1)  # every process, every step (a sync point)
@@ -380,7 +381,8 @@ def train(cfg, workdir) -> dict:
                 step_s = dt / (step + 1 - win_start)
                 m.update(step=step + 1, lr=float(lr_sched(step)), text_tokens_per_s=seen / dt,
                          step_time_s=step_s, **perf.step_figures(cfg, n_dev, step_s, peak),
-                         skipped=loader.stats.counts["skipped"], truncated=loader.stats.counts["truncated"])
+                         skipped=loader.stats.counts["skipped"], truncated=loader.stats.counts["truncated"],
+                         compiled_step_shapes=len(compiled))
                 win_start, t0, paused, seen = step + 1, time.time(), 0.0, 0
                 writer.write("train", m)
                 shown = dict(loss=f"{m['loss']:.3f}", acc=f"{m['token_acc']:.2f}",
@@ -415,6 +417,12 @@ def train(cfg, workdir) -> dict:
         mgr.wait_until_finished()
         writer.close()
     return metrics
+
+
+def _batch_shapes(inputs, targets):
+    """The (shape, dtype) of every array of a batch: what a compiled step is specific to."""
+    return tuple((tuple(x.shape), str(x.dtype)) if x is not None else None
+                 for x in jax.tree.leaves((inputs, targets), is_leaf=lambda x: x is None))
 
 
 def memory_report(compiled) -> str:

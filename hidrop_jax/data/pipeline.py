@@ -12,7 +12,12 @@ One example (`encode_example`) becomes static-shape numpy arrays (T = `max_len`,
     image_slot  []  int32  rows before the image (= position of the first vision slot); 0 if none
     has_image   []  bool
     pixels      [H, W, 3] float32 (CLIP-normalised; zeros for a sample without an image);
-                Qwen2.5-VL: the processor's patches [S, C·T·P·P] at the config's fixed grid
+                Qwen2.5-VL: the processor's patches [S, C·T·P·P] at the config's fixed grid;
+                with `model.vision.buckets`, bucketed [gh/m, gw/m, m²·C·T·P·P] at the grid of
+                the bucket nearest the image's aspect ratio (an image-less sample: the first
+                bucket's, zeros); batches then hold one bucket each (`BucketBatch`)
+    vision_valid [N] bool  bucketed Qwen2.5-VL only: the n_b slots the image fills (the rest
+                           dead); the text after the image keeps its order positions +N
     text_rope   [3, T] int32  Qwen2.5-VL only: M-RoPE rows (t, h, w) of the text rows and of
     vision_rope [3, N] int32  the vision slots, as HF's `get_rope_index` numbers the full
                               sequence (text after the image resumes at start + max(h, w))
@@ -89,10 +94,13 @@ class TextImageSpec:
         if family_name(model_cfg) == "qwen2_5_vl":
             v = model_cfg.vision.to_dict()
             return cls(n_vision=n_vision_tokens(model_cfg), image_size=max(v["image_size"]),
-                       qwen_vision=tuple(sorted((k, tuple(x) if isinstance(x, list) else x)
-                                                for k, x in v.items())), **kw)
+                       qwen_vision=tuple(sorted((k, _hashable(x)) for k, x in v.items())), **kw)
         return cls(n_vision=n_vision_tokens(model_cfg), image_size=model_cfg.vision.image_size,
                    **kw)
+
+
+def _hashable(x):
+    return tuple(_hashable(y) for y in x) if isinstance(x, (list, tuple)) else x
 
 
 @functools.lru_cache(maxsize=8)
@@ -101,19 +109,23 @@ def _qwen_model(qwen_vision: tuple):
     return ml_collections.ConfigDict(dict(vision=dict(qwen_vision)))
 
 
-def qwen_rope(m, text_pos, text_valid, image_slot: int, has_image: bool, n_vision: int):
+def qwen_rope(m, text_pos, text_valid, image_slot: int, has_image: bool, n_vision: int,
+              patch_grid=None):
     """M-RoPE rows of one example ([3, T] text, [3, N] vision) from its order positions:
     the full sequence (text rows at `text_pos`, the image at image_slot .. +N) numbered by
     `families.qwen2_5_vl.rope_index` (HF's `get_rope_index`). Padding rows and an absent
-    image get 0."""
+    image get 0. `patch_grid` (a bucket's, default `image_size`'s): its n_b tokens take the
+    first n_b slots; the dead rest are no tokens (rotary 0)."""
     text_pos, text_valid = np.asarray(text_pos), np.asarray(text_valid, bool)
     length = max(int(text_pos.max()) + 1, image_slot + n_vision if has_image else 0)
+    n_live = n_vision if patch_grid is None else int(qwen.live_slots(m, patch_grid).sum())
     mask = np.zeros(length, bool)
     mask[text_pos[text_valid]] = True
     is_img = np.zeros(length, bool)
     if has_image:
-        is_img[image_slot:image_slot + n_vision] = mask[image_slot:image_slot + n_vision] = True
-    pos3 = qwen.rope_index(m, np.zeros((1, length), np.int64), mask[None], is_img[None])[:, 0]
+        is_img[image_slot:image_slot + n_live] = mask[image_slot:image_slot + n_live] = True
+    pos3 = qwen.rope_index(m, np.zeros((1, length), np.int64), mask[None], is_img[None],
+                           patch_grid)[:, 0]
     text_rope = pos3[:, text_pos]  # padding rows: 0 (outside the mask)
     vision_rope = (pos3[:, image_slot:image_slot + n_vision] if has_image
                    else np.zeros((3, n_vision), np.int64))
@@ -213,8 +225,11 @@ def encode_example(record: dict, tokenizer, spec: TextImageSpec) -> dict:
 
 
 def _qwen_image(record, text: dict, spec: TextImageSpec, has_image: bool) -> dict:
-    """Qwen2.5-VL's pixels (patches at the fixed grid; zeros without an image) and M-RoPE rows."""
+    """Qwen2.5-VL's pixels (patches at the fixed grid; zeros without an image) and M-RoPE rows;
+    with buckets, at the bucket nearest the image's aspect ratio, + `vision_valid`."""
     m = _qwen_model(spec.qwen_vision)
+    if qwen.buckets(m):
+        return _qwen_bucketed_image(m, record, text, spec, has_image)
     v, (gh, gw) = m.vision, qwen.grid(m)
     pixels = (qwen.preprocess(m, record["image"]) if has_image else np.zeros(
         (gh * gw, v.in_channels * v.temporal_patch_size * v.patch_size ** 2), np.float32))
@@ -223,7 +238,53 @@ def _qwen_image(record, text: dict, spec: TextImageSpec, has_image: bool) -> dic
     return dict(pixels=pixels, text_rope=t, vision_rope=vis)
 
 
+def _qwen_bucketed_image(m, record, text: dict, spec: TextImageSpec, has_image: bool) -> dict:
+    v = m.vision
+    if has_image:
+        pixels, patch_grid = qwen.image_input(m, record["image"])
+    else:  # no image: the first bucket's shape, zeros
+        size = qwen.buckets(m)[0]
+        patch_grid = (size[0] // v.patch_size, size[1] // v.patch_size)
+        pixels = qwen.bucket_pixels(m, np.zeros((patch_grid[0] * patch_grid[1], v.in_channels
+                                                 * v.temporal_patch_size * v.patch_size ** 2),
+                                                np.float32), patch_grid)
+    t, vis = qwen_rope(m, text["text_pos"], text["text_valid"], int(text["image_slot"]), has_image,
+                       spec.n_vision, patch_grid)
+    return dict(pixels=pixels, text_rope=t, vision_rope=vis,
+                vision_valid=qwen.live_slots(m, patch_grid) & has_image)
+
+
 # ----------------------------------------------------------------------------- grain
+
+class BucketBatch:
+    """A grain operation (in place of `grain.Batch`): batches whose examples share one pixels
+    shape (one image bucket), so a jitted step sees at most one shape per bucket. Examples wait
+    in a buffer per bucket; a buffer is emitted when full (at the end, partial ones unless
+    `drop_remainder`, in bucket order). A grain checkpoint holds the position of the last
+    example read: on resume the examples then waiting in buffers (fewer than
+    buckets × batch_size) are skipped."""
+
+    def __init__(self, batch_size: int, drop_remainder: bool):
+        self.batch_size, self.drop_remainder = batch_size, drop_remainder
+
+    @staticmethod
+    def _stack(examples):
+        return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+    def __call__(self, records):
+        buffers, last = {}, None
+        for r in records:
+            last = r.metadata
+            buf = buffers.setdefault(r.data["pixels"].shape, [])
+            buf.append(r.data)
+            if len(buf) == self.batch_size:
+                yield grain.Record(last.remove_record_key(), self._stack(buf))
+                buf.clear()
+        if not self.drop_remainder:
+            for buf in buffers.values():
+                if buf:
+                    yield grain.Record(last.remove_record_key(), self._stack(buf))
+
 
 class Stats:
     """Counters of one loader (exact with worker_count=0; with worker processes use the
@@ -342,8 +403,9 @@ class Loader:
             from absl import flags
             if not flags.FLAGS.is_parsed():
                 flags.FLAGS.mark_as_parsed()
-        ops = [Encode(tokenizer, spec, self.stats), DropSkipped(),
-               grain.Batch(batch_size, drop_remainder=drop_remainder)]
+        bucketed = bool(qwen.buckets(_qwen_model(spec.qwen_vision))) if spec.qwen_vision else False
+        batch = (BucketBatch if bucketed else grain.Batch)(batch_size, drop_remainder=drop_remainder)
+        ops = [Encode(tokenizer, spec, self.stats), DropSkipped(), batch]
         self.loader = grain.DataLoader(data_source=SafeSource(source), sampler=self.sampler,
                                        operations=ops, worker_count=worker_count,
                                        shard_options=self.shard_options)

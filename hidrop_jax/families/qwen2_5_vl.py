@@ -9,11 +9,19 @@ that drives masks and scoring stays the plain sequence index, as for LLaVA.
 
 Static shapes: one patch grid per config (`model.vision.image_size` = [height, width] px,
 multiples of patch·merge); 672×672 gives 24×24 = 576 merged tokens, LLaVA-1.5's count.
+
+Aspect-ratio buckets (`model.vision.buckets`, [[h, w], ...] px; empty = the one grid above): an
+image goes to the bucket nearest its aspect ratio and the ViT runs at that bucket's grid (one
+compile per bucket); its n_b merged tokens fill the first n_b of the N = n_vision_tokens(image_size)
+vision slots and the other N − n_b are dead (`Inputs.vision_valid`), so the LLM's shape and every
+HiDrop schedule stay those of `image_size`. Bucketed pixels carry their grid in their shape:
+[B, gh/m, gw/m, m²·C·T·P·P] (the flattened patches, merge-block-major, reshaped).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 
 import jax.numpy as jnp
 import ml_collections
@@ -41,10 +49,11 @@ def model_config(*, vision: dict, text: dict, image_token_id: int = 151655,
              temporal_patch_size=2, spatial_merge_size=2, window_size=112,
              fullatt_block_indexes=(7, 15, 23, 31), in_channels=3, hidden_act="silu",
              tokens_per_second=2, rope_theta=10000.0, image_size=(672, 672),
-             initializer_range=INIT_STD)
+             initializer_range=INIT_STD, buckets=())
     v.update(vision)
     v["fullatt_block_indexes"] = tuple(v["fullatt_block_indexes"])
     v["image_size"] = tuple(v["image_size"])
+    v["buckets"] = tuple(tuple(b) if isinstance(b, (list, tuple)) else b for b in v["buckets"])
     t = dict(rms_norm_eps=1e-6, rope_theta=1e6, hidden_act="silu", tie_word_embeddings=False,
              max_position_embeddings=128000, initializer_range=INIT_STD, qkv_bias=True,
              mrope_section=(16, 24, 24))
@@ -87,6 +96,7 @@ def validate(m) -> None:
     if len(size) != 2 or any(s <= 0 or s % unit for s in size):
         _fail("model.vision.image_size", list(size), f"[height, width] in px, positive multiples "
               f"of patch_size·spatial_merge_size = {unit}")
+    validate_buckets(m)
     if v.window_size // v.spatial_merge_size // v.patch_size < 1:
         _fail("model.vision.window_size", v.window_size, f"at least patch_size·spatial_merge_size = {unit}")
     bad = [i for i in v.fullatt_block_indexes if not 0 <= i < v.depth]
@@ -106,6 +116,51 @@ def validate(m) -> None:
         _fail("model.text.initializer_range", t.initializer_range, "a positive float")
 
 
+def validate_buckets(m) -> None:
+    """`model.vision.buckets`: [height, width] px pairs, multiples of patch·merge, none with more
+    merged tokens than `image_size` (its N slots are the LLM's), no duplicates."""
+    v = m.vision
+    unit = v.patch_size * v.spatial_merge_size
+    n = n_vision_tokens(m)
+    seen = set()
+    for b in buckets(m):
+        ok = (isinstance(b, (list, tuple)) and len(b) == 2
+              and all(isinstance(x, (int, np.integer)) and x > 0 and x % unit == 0 for x in b))
+        if not ok:
+            _fail("model.vision.buckets", _plain(v.buckets), f"[height, width] px pairs, positive "
+                  f"multiples of patch_size·spatial_merge_size = {unit}; {_plain(b)} is not")
+        tokens = (b[0] // unit) * (b[1] // unit)
+        if tokens > n:
+            _fail("model.vision.buckets", _plain(v.buckets), f"grids of at most image_size "
+                  f"{list(v.image_size)}'s {n} merged tokens; {list(b)} has {tokens}")
+        if tuple(b) in seen:
+            _fail("model.vision.buckets", _plain(v.buckets), f"distinct grids; {list(b)} repeats")
+        seen.add(tuple(b))
+
+
+def _plain(x):
+    return [_plain(y) for y in x] if isinstance(x, (list, tuple)) else x
+
+
+def buckets(m) -> tuple:
+    """The configured bucket sizes ((h, w) px, ...); () = one fixed grid (configs before the field)."""
+    return tuple(tuple(b) if isinstance(b, (list, tuple)) else b for b in m.vision.get("buckets", ()) or ())
+
+
+def with_buckets(m, sizes):
+    """A copy of `m` with `vision.buckets` = sizes ([h, w] px pairs), validated."""
+    m = ml_collections.ConfigDict(m.to_dict())
+    m.vision.buckets = tuple(tuple(b) if isinstance(b, (list, tuple)) else b for b in sizes)
+    validate(m)
+    return m
+
+
+def bucket_for(m, height: int, width: int) -> tuple[int, int]:
+    """The bucket (h, w) px nearest an image's aspect ratio in log space (ties: the first listed)."""
+    r = math.log(height / width)
+    return min(buckets(m), key=lambda b: abs(math.log(b[0] / b[1]) - r))
+
+
 def grid(m) -> tuple[int, int]:
     """(rows, cols) of patches of the config's fixed image size."""
     return tuple(s // m.vision.patch_size for s in m.vision.image_size)
@@ -116,9 +171,10 @@ def n_vision_tokens(m) -> int:
     return gh * gw // m.vision.spatial_merge_size ** 2
 
 
-def vision_dims(m) -> QwenVisionDims:
+def vision_dims(m, patch_grid=None) -> QwenVisionDims:
+    """The tower's dims at `patch_grid` (rows, cols) of patches (default: `image_size`'s)."""
     v = m.vision
-    gh, gw = grid(m)
+    gh, gw = patch_grid or grid(m)
     return QwenVisionDims(
         v.depth, v.hidden_size, v.intermediate_size, v.num_heads, v.patch_size,
         v.temporal_patch_size, v.spatial_merge_size, v.window_size, tuple(v.fullatt_block_indexes),
@@ -133,19 +189,44 @@ def init_vision(m, rng) -> dict:
 
 
 def encode_image(m, params, patches):
-    """patches [B, S, C·T·P·P] -> merged tokens [B, N, D_text] (raster order of the merged grid)."""
-    return qwen_vision_features(vision_dims(m), params["vision"], params["projector"], patches,
-                                remat=m.remat, unroll=m.scan_unroll)
+    """patches [B, S, C·T·P·P] at `image_size`'s grid, or bucketed [B, gh/m, gw/m, m²·C·T·P·P]
+    -> merged tokens [B, N, D_text] (raster order of the merged grid; a bucket's n_b tokens
+    first, zeros in the N − n_b dead slots after them)."""
+    patch_grid = None
+    if patches.ndim == 4:
+        mg = m.vision.spatial_merge_size
+        b, hm, wm, c = patches.shape
+        patch_grid = (hm * mg, wm * mg)
+        patches = patches.reshape(b, hm * wm * mg * mg, c // (mg * mg))
+    y = qwen_vision_features(vision_dims(m, patch_grid), params["vision"], params["projector"],
+                             patches, remat=m.remat, unroll=m.scan_unroll)
+    n = n_vision_tokens(m)
+    return y if y.shape[1] == n else jnp.pad(y, ((0, 0), (0, n - y.shape[1]), (0, 0)))
+
+
+def bucket_pixels(m, patches, patch_grid) -> np.ndarray:
+    """Flattened patches [..., S, C·T·P·P] of a `patch_grid` (rows, cols) image -> the bucketed
+    layout [..., gh/m, gw/m, m²·C·T·P·P] (a reshape: the order is already merge-block-major)."""
+    mg = m.vision.spatial_merge_size
+    x = np.asarray(patches)
+    gh, gw = patch_grid
+    return x.reshape(*x.shape[:-2], gh // mg, gw // mg, mg * mg * x.shape[-1])
+
+
+def live_slots(m, patch_grid) -> np.ndarray:
+    """[N] bool: the vision slots an image of `patch_grid` fills (its n_b merged tokens first)."""
+    mg = m.vision.spatial_merge_size
+    return np.arange(n_vision_tokens(m)) < (patch_grid[0] // mg) * (patch_grid[1] // mg)
 
 
 # ----------------------------------------------------------------------------- positions
 
-def rope_index(m, ids, mask, image_rows) -> np.ndarray:
-    """M-RoPE positions [3, B, L] (int64) for an HF batch (one image grid per config): HF's
-    `get_rope_index` for still images. Padding keeps 0. `image_rows` [B, L] bool marks image
-    tokens (HF's `mm_token_type_ids == 1`)."""
+def rope_index(m, ids, mask, image_rows, patch_grid=None) -> np.ndarray:
+    """M-RoPE positions [3, B, L] (int64) for an HF batch (one image grid: `patch_grid` (rows,
+    cols) of patches, default `image_size`'s): HF's `get_rope_index` for still images. Padding
+    keeps 0. `image_rows` [B, L] bool marks image tokens (HF's `mm_token_type_ids == 1`)."""
     b, length = ids.shape
-    gh, gw = (g // m.vision.spatial_merge_size for g in grid(m))
+    gh, gw = (g // m.vision.spatial_merge_size for g in (patch_grid or grid(m)))
     out = np.zeros((3, b, length), np.int64)
     for i in range(b):
         kinds = image_rows[i][mask[i]]
@@ -157,8 +238,8 @@ def rope_index(m, ids, mask, image_rows) -> np.ndarray:
                 cur += n
                 continue
             if n != gh * gw:
-                raise ValueError(f"sample {i} has a run of {n} image tokens; the grid "
-                                 f"{gh}×{gw} of model.vision.image_size gives {gh * gw}")
+                raise ValueError(f"sample {i} has a run of {n} image tokens; the merged grid "
+                                 f"{gh}×{gw} gives {gh * gw}")
             r, c = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
             rows.append(np.stack([np.full(n, cur), cur + r.reshape(-1), cur + c.reshape(-1)]))
             cur += max(gh, gw)
@@ -167,8 +248,8 @@ def rope_index(m, ids, mask, image_rows) -> np.ndarray:
     return out
 
 
-def with_grid(m, image_grid_thw):
-    """`m` with `vision.image_size` set to the batch's grid (one compile per grid: a bucket)."""
+def batch_grid(image_grid_thw) -> tuple[int, int]:
+    """(rows, cols) of patches of a batch's images: one still-image grid for all."""
     g = np.asarray(image_grid_thw).reshape(-1, 3)
     if len(np.unique(g, axis=0)) != 1:
         raise ValueError(f"image_grid_thw {g.tolist()}: every image of a batch must have the same "
@@ -177,6 +258,13 @@ def with_grid(m, image_grid_thw):
     if t != 1:
         raise ValueError(f"image_grid_thw {g[0].tolist()}: t = {t}; only still images (t = 1) "
                          "are supported")
+    return gh, gw
+
+
+def with_grid(m, image_grid_thw):
+    """`m` with `vision.image_size` set to the batch's grid (one compile per grid; without
+    buckets the LLM's vision slots follow the grid)."""
+    gh, gw = batch_grid(image_grid_thw)
     size = (gh * m.vision.patch_size, gw * m.vision.patch_size)
     if size == tuple(m.vision.image_size):
         return m
@@ -186,17 +274,29 @@ def with_grid(m, image_grid_thw):
     return m
 
 
-def preprocess(m, image) -> np.ndarray:
-    """An image (bytes, uint8 HWC array or PIL) -> its patches [S, C·T·P·P] at the config's fixed
-    grid: resized to `image_size` (bicubic, aspect ratio not kept: static shapes), scaled to
-    [0, 1], normalised with CLIP's mean/std, patchified. With an image already of that size this
-    is HF's `Qwen2VLImageProcessor` exactly."""
-    h, w = m.vision.image_size
+def preprocess(m, image, size=None) -> np.ndarray:
+    """An image (bytes, uint8 HWC array or PIL) -> its patches [S, C·T·P·P] at `size` (h, w) px,
+    default the config's fixed grid: resized to it (bicubic; aspect ratio kept only as far as
+    `size` has the image's: static shapes), scaled to [0, 1], normalised with CLIP's mean/std,
+    patchified. With an image already of that size this is HF's `Qwen2VLImageProcessor` exactly."""
+    h, w = size or m.vision.image_size
     im = decode(image)
     if im.size != (w, h):
         im = im.resize((w, h), Image.BICUBIC)
     x = (np.asarray(im, np.float32) / 255.0 - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
     return patchify(m, x[None])[0]
+
+
+def image_input(m, image):
+    """An image -> (pixels, patch_grid): patches [S, C·T·P·P] at `image_size`'s grid and None
+    without buckets; with buckets, bucketed pixels [gh/m, gw/m, m²·C·T·P·P] at the bucket
+    nearest its aspect ratio and that bucket's (rows, cols) of patches."""
+    if not buckets(m):
+        return preprocess(m, image), None
+    im = decode(image)
+    size = bucket_for(m, im.height, im.width)
+    patch_grid = (size[0] // m.vision.patch_size, size[1] // m.vision.patch_size)
+    return bucket_pixels(m, preprocess(m, im, size), patch_grid), patch_grid
 
 
 def patchify(m, images) -> np.ndarray:

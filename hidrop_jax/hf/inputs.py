@@ -32,12 +32,13 @@ def hf_to_inputs(m, input_ids, pixel_values=None, attention_mask=None) -> tuple[
     return inputs, slots
 
 
-def hf_text_stream(m, ids, mask) -> tuple[Inputs, np.ndarray]:
+def hf_text_stream(m, ids, mask, n_image_tokens: int | None = None) -> tuple[Inputs, np.ndarray]:
     """The family-independent part of the adapter: the text stream, its order positions
-    (cumsum(attention_mask) − 1) and the image slot, from [B, L] ids and a bool mask; no pixels."""
+    (cumsum(attention_mask) − 1) and the image slot, from [B, L] ids and a bool mask; no pixels.
+    `n_image_tokens`: the image tokens a sample with an image has (default: n_vision_tokens)."""
     ids, mask = np.asarray(ids), np.asarray(mask).astype(bool)
     bsz, length = ids.shape
-    n = n_vision_tokens(m)
+    n = n_vision_tokens(m) if n_image_tokens is None else n_image_tokens
     is_img = (ids == m.image_token_id) & mask
     counts = is_img.sum(1)
     for i, c in enumerate(counts):
@@ -119,6 +120,9 @@ def qwen_hf_to_inputs(m, input_ids, pixel_values=None, attention_mask=None, *, i
     `pixel_values` [Σ patches, C·T·P·P] and `image_grid_thw` [n_images, 3] as the processor gives
     them (one image per sample that has image tokens, all of one grid). `mm_token_type_ids`
     (1 at image tokens) is checked against `input_ids` when given; videos are not supported.
+    With `model.vision.buckets` set, a grid of at most N = n_vision_tokens merged tokens keeps
+    `m`: its tokens fill the first vision slots, the rest are dead (`Inputs.vision_valid`) and the
+    pixels come bucketed ([B, gh/m, gw/m, m²·C·T·P·P]): the same LLM shape for every grid.
     """
     ids = np.asarray(input_ids)
     mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
@@ -132,10 +136,22 @@ def qwen_hf_to_inputs(m, input_ids, pixel_values=None, attention_mask=None, *, i
         if not np.array_equal((tt == 1) & mask, is_img):
             raise ValueError("mm_token_type_ids (1 = image) disagrees with the image tokens "
                              f"(id {m.image_token_id}) of input_ids")
+    patch_grid = None  # bucketed: the batch's grid at N padded slots
     if is_img.any():
         if image_grid_thw is None or pixel_values is None:
             raise ValueError("input_ids contain image tokens but pixel_values or image_grid_thw is None")
-        m = qwen.with_grid(m, image_grid_thw)
+        if qwen.buckets(m):
+            patch_grid = qwen.batch_grid(image_grid_thw)
+            mg = m.vision.spatial_merge_size
+            n_b, n = patch_grid[0] * patch_grid[1] // mg ** 2, qwen.n_vision_tokens(m)
+            if n_b > n or any(g % mg for g in patch_grid):
+                raise ValueError(f"image_grid_thw grid {list(patch_grid)} has {n_b} merged tokens; "
+                                 f"with model.vision.buckets set, allowed: grids of rows and cols "
+                                 f"divisible by {mg} with at most image_size's {n}")
+        else:
+            m = qwen.with_grid(m, image_grid_thw)
+    if patch_grid is not None:
+        return _qwen_bucketed(m, ids, mask, is_img, pixel_values, patch_grid)
     base, slots = hf_text_stream(m, ids, mask)
     pos3 = qwen.rope_index(m, ids, mask, is_img)
     text_rope = np.take_along_axis(pos3, slots[None], axis=2).transpose(1, 0, 2)  # [B, 3, T]
@@ -157,4 +173,30 @@ def qwen_hf_to_inputs(m, input_ids, pixel_values=None, attention_mask=None, *, i
         pixels = jnp.asarray(full)
     inputs = base._replace(pixels=pixels, text_rope=jnp.asarray(text_rope, jnp.int32),
                            vision_rope=jnp.asarray(vis_rope, jnp.int32))
+    return inputs, slots, m
+
+
+def _qwen_bucketed(m, ids, mask, is_img, pixel_values, patch_grid):
+    """`qwen_hf_to_inputs` for a grid served at N padded slots (see there)."""
+    d = qwen.vision_dims(m, patch_grid)
+    live = qwen.live_slots(m, patch_grid)
+    n_b, n = int(live.sum()), len(live)
+    base, slots = hf_text_stream(m, ids, mask, n_image_tokens=n_b)
+    pos3 = qwen.rope_index(m, ids, mask, is_img, patch_grid)
+    text_rope = np.take_along_axis(pos3, slots[None], axis=2).transpose(1, 0, 2)  # [B, 3, T]
+    has = is_img.any(1)
+    vis_rope = np.zeros((len(ids), 3, n), np.int64)  # dead slots: 0 (never attended)
+    for i in np.flatnonzero(has):
+        vis_rope[i, :, :n_b] = pos3[:, i, is_img[i]]
+    px = np.asarray(pixel_values, np.float32)
+    n_img = int(has.sum())
+    if px.shape != (n_img * d.num_patches, d.patch_dim):
+        raise ValueError(f"pixel_values has shape {px.shape}; expected ({n_img} images × "
+                         f"{d.num_patches} patches, {d.patch_dim}) for grid {d.grid_h}×{d.grid_w}")
+    full = np.zeros((len(ids), d.num_patches, d.patch_dim), np.float32)
+    full[has] = px.reshape(n_img, d.num_patches, d.patch_dim)
+    inputs = base._replace(pixels=jnp.asarray(qwen.bucket_pixels(m, full, patch_grid)),
+                           text_rope=jnp.asarray(text_rope, jnp.int32),
+                           vision_rope=jnp.asarray(vis_rope, jnp.int32),
+                           vision_valid=jnp.asarray(has[:, None] & live[None]))
     return inputs, slots, m
