@@ -25,7 +25,8 @@ Adding a family (Qwen3-VL, Gemma3, LLaVA-NeXT):
      `TABLE`, `canonical_name`, `to_ours`, `to_hf`, `expected_tensors`, `config_from_hf`,
      `config_to_hf`, `write_processor`) and its entry in `MAPPINGS`; a HiDrop modeling file
      `hf/modeling_hidrop_<name>.py` (torch + transformers only, importing `hidrop_torch`) named
-     by `remote_code`. Both new modules go in `tests/test_structure.py`'s ORDER.
+     by `remote_code`. Put both in `tests/test_structure.py`'s ORDER beside their LLaVA twins
+     (`families/*` is covered by its prefix).
   3. `configs/<name>_*.py` with the real sizes; a chat template in `data/templates.py`.
   4. Tests: `tests/test_families.py` checks the members of every registered family; add a tiny
      random HF model (`tests/hf_tiny_<name>.py`) and parity against PyTorch as
