@@ -58,8 +58,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from hidrop_jax.config import feature_layers_run, n_vision_tokens, schedule_of  # noqa: E402
-from hidrop_jax.families import family_name  # noqa: E402
-from hidrop_jax.families import qwen2_5_vl as qwen  # noqa: E402
+from hidrop_jax.families import family, family_name  # noqa: E402
 from hidrop_jax.hidrop.schedule import Schedule, vision_flops  # noqa: E402
 from hidrop_jax.hidrop.select import score_vision, select  # noqa: E402
 from hidrop_jax.model import Inputs, abstract_params, encode_image, forward, text_dims  # noqa: E402
@@ -96,16 +95,12 @@ def xla_flops(fn, *args, compile: bool = True) -> float:
 
 def abstract_pixels(cfg, batch: int):
     """LLaVA: images [B, H, W, C]; Qwen2.5-VL: the processor's patches [B, S, C·T·P·P]."""
-    v = cfg.model.vision
-    if family_name(cfg.model) == "llava":
-        return SDS((batch, v.image_size, v.image_size, v.num_channels), jnp.float32)
-    d = qwen.vision_dims(cfg.model)
-    return SDS((batch, d.num_patches, d.patch_dim), jnp.float32)
+    return SDS((batch, *family(cfg.model).pixels_shape(cfg.model)), jnp.float32)
 
 
 def abstract_inputs(cfg, batch: int, text_len: int, image: bool) -> Inputs:
     rope = {}
-    if family_name(cfg.model) != "llava":  # M-RoPE rows, with or without the image
+    if family(cfg.model).rope_rows is not None:  # M-RoPE rows, with or without the image
         rope = dict(text_rope=SDS((batch, 3, text_len), jnp.int32),
                     vision_rope=SDS((batch, 3, n_vision_tokens(cfg.model)), jnp.int32))
     return Inputs(

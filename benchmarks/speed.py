@@ -52,8 +52,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from hidrop_jax.config import make_config, model_config, schedule_of  # noqa: E402
-from hidrop_jax.data.pipeline import qwen_rope  # noqa: E402
-from hidrop_jax.families import family_name  # noqa: E402
+from hidrop_jax.families import family, family_name  # noqa: E402
 from hidrop_jax.families import qwen2_5_vl as qwen  # noqa: E402
 from hidrop_jax.metrics import token_nll  # noqa: E402
 from hidrop_jax import xla_graph  # noqa: E402
@@ -100,15 +99,11 @@ def make_inputs(cfg, batch: int, text_len: int, seed: int = 0) -> tuple[Inputs, 
     ids = rng.integers(5, cfg.model.text.vocab_size, (batch, text_len)).astype(np.int32)
     slot = 8
     pos = np.arange(text_len) + np.where(np.arange(text_len) >= slot, n, 0)
-    rope = {}
-    if family_name(cfg.model) == "llava":
-        px = rng.normal(size=(batch, 336, 336, 3)).astype(np.float32)
-    else:  # patches and M-RoPE rows
-        d = qwen.vision_dims(cfg.model)
-        px = rng.normal(size=(batch, d.num_patches, d.patch_dim)).astype(np.float32)
-        t, v = qwen_rope(cfg.model, pos, np.ones(text_len, bool), slot, True, n)
-        rope = dict(text_rope=jnp.asarray(np.broadcast_to(t, (batch,) + t.shape)),
-                    vision_rope=jnp.asarray(np.broadcast_to(v, (batch,) + v.shape)))
+    rope, f = {}, family(cfg.model)
+    px = rng.normal(size=(batch, *f.pixels_shape(cfg.model))).astype(np.float32)  # Qwen: patches
+    if f.rope_rows is not None:  # M-RoPE rows
+        rows = f.rope_rows(cfg.model, pos, np.ones(text_len, bool), slot, True, n)
+        rope = {k: jnp.asarray(np.broadcast_to(x, (batch,) + x.shape)) for k, x in rows.items()}
     inputs = Inputs(jnp.asarray(ids), jnp.asarray(np.broadcast_to(pos, ids.shape).astype(np.int32)),
                     jnp.ones(ids.shape, bool), jnp.full((batch,), slot, jnp.int32), jnp.ones((batch,), bool),
                     jnp.asarray(px), jnp.full((batch, 1), text_len - 9, jnp.int32), jnp.ones((batch, 1), bool),

@@ -47,7 +47,7 @@ from hidrop_jax.data import pipeline as data_lib
 from hidrop_jax.data.tokenizer import load_tokenizer, shapes_vqa_tokenizer
 from hidrop_jax.checkpoint import find_tokenizer, open_run
 from hidrop_jax.config import n_vision_tokens, schedule_of
-from hidrop_jax.families import family_name
+from hidrop_jax.families import family
 
 DEFAULT_SPLIT = "validation"
 
@@ -84,7 +84,7 @@ def load_model(a):
     if tok_dir is not None:
         tok = load_tokenizer(str(tok_dir))
     elif d.get("name", "").startswith("shapes_vqa"):
-        tok = shapes_vqa_tokenizer(family=family_name(cfg.model))
+        tok = shapes_vqa_tokenizer(family=family(cfg.model).name)
     else:
         raise ValueError(
             f"no tokenizer in {path} (tokenizer.json): the data must be tokenized with the "
@@ -96,7 +96,7 @@ def load_model(a):
         origin = dict(workdir=str(path), step=int(run.step))
     else:
         data_dir = data_dir_for(parse_data(a.data)[0], a.data_dir, Path(a.out) / "data")
-        default = "v1" if family_name(cfg.model) == "llava" else "qwen2"
+        default = family(cfg.model).default_template
         template, max_len, nq = d.get("template", default), 128, 4
         origin = dict(hf=str(path)) if run.kind == "hf" else dict(checkpoint=str(path))
     if len(tok) > cfg.model.text.vocab_size:

@@ -56,8 +56,7 @@ from hidrop_jax.perf import CHIPS, TPU_CHIPS, Chip, devices_per_chip, model_flop
 from hidrop_jax import sharding as shard_lib  # noqa: E402
 from hidrop_jax import train as train_lib  # noqa: E402
 from hidrop_jax.config import n_vision_tokens, schedule_of  # noqa: E402
-from hidrop_jax.families import family_name  # noqa: E402
-from hidrop_jax.families import qwen2_5_vl as qwen  # noqa: E402
+from hidrop_jax.families import family  # noqa: E402
 from hidrop_jax.batch import Inputs, Targets  # noqa: E402
 from hidrop_jax.model import abstract_params  # noqa: E402
 
@@ -109,16 +108,14 @@ def abstract_batch(cfg, mesh, *, targets: bool):
     """(Inputs, Targets | None) of ShapeDtypeStructs as `train.device_batch` makes them:
     `train.batch_size` rows sharded over data × fsdp, shapes as `data.pipeline` documents."""
     B, T, Q = cfg.train.batch_size, cfg.data.max_len, cfg.data.num_queries
-    v = cfg.model.vision
     sh = shard_lib.batch_sharding(mesh)
     a = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)  # noqa: E731
     i32, b1 = jnp.int32, jnp.bool_
-    if family_name(cfg.model) == "llava":
-        extra = dict(pixels=a((B, v.image_size, v.image_size, v.num_channels), jnp.float32))
-    else:  # Qwen2.5-VL: patches at the config's grid, M-RoPE rows
-        d, N = qwen.vision_dims(cfg.model), n_vision_tokens(cfg.model)
-        extra = dict(pixels=a((B, d.num_patches, d.patch_dim), jnp.float32),
-                     text_rope=a((B, 3, T), i32), vision_rope=a((B, 3, N), i32))
+    f = family(cfg.model)
+    extra = dict(pixels=a((B, *f.pixels_shape(cfg.model)), jnp.float32))
+    if f.rope_rows is not None:  # rotary rows (M-RoPE: t, h, w) beside the order
+        N = n_vision_tokens(cfg.model)
+        extra.update(text_rope=a((B, 3, T), i32), vision_rope=a((B, 3, N), i32))
     inputs = Inputs(text_ids=a((B, T), i32), text_pos=a((B, T), i32), text_valid=a((B, T), b1),
                     image_slot=a((B,), i32), has_image=a((B,), b1), **extra)
     if not targets:

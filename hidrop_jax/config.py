@@ -15,17 +15,12 @@ from pathlib import Path
 import ml_collections
 
 from hidrop_jax.data.templates import TEMPLATES
-from hidrop_jax.families import family_name, qwen2_5_vl
+from hidrop_jax.families import family
+from hidrop_jax.families.base import fail as _fail
+from hidrop_jax.families.base import initializer_range  # noqa: F401  (importable from here, as before)
+from hidrop_jax.families.llava import feature_layers_run  # noqa: F401  (LLaVA's; as before)
 from hidrop_jax.hidrop.schedule import PRESETS, Schedule, preset
 from hidrop_jax.layers.common import INIT_STD
-
-VISION_ACTS = ("quick_gelu", "gelu")
-PROJECTOR_ACTS = ("gelu",)
-TEXT_ACTS = ("silu",)
-STRATEGIES = ("default", "full")
-DTYPES = ("float32", "bfloat16")
-REMAT_POLICIES = ("none", "minimal", "full")
-ATTENTION_IMPLS = (None, "xla", "cudnn", "pallas")
 
 
 def model_config(
@@ -84,50 +79,9 @@ CLIP_L14_336 = dict(image_size=336, patch_size=14, hidden_size=1024, intermediat
                     num_layers=24, num_heads=16, layer_norm_eps=1e-5, hidden_act="quick_gelu")
 
 
-def _fail(field: str, value, allowed: str):
-    raise ValueError(f"config field `{field}` = {value!r} is not supported; allowed: {allowed}")
-
-
 def validate_model(m: ml_collections.ConfigDict) -> None:
-    """Fails naming the field, the value and what is allowed."""
-    if family_name(m) == "qwen2_5_vl":
-        return qwen2_5_vl.validate(m)
-    v, t = m.vision, m.text
-    if v.hidden_act not in VISION_ACTS:
-        _fail("model.vision.hidden_act", v.hidden_act, f"one of {VISION_ACTS}")
-    if t.hidden_act not in TEXT_ACTS:
-        _fail("model.text.hidden_act", t.hidden_act, f"one of {TEXT_ACTS}")
-    if m.projector.hidden_act not in PROJECTOR_ACTS:
-        _fail("model.projector.hidden_act", m.projector.hidden_act, f"one of {PROJECTOR_ACTS}")
-    if m.select_strategy not in STRATEGIES:
-        _fail("model.select_strategy", m.select_strategy, f"one of {STRATEGIES}")
-    if m.dtype not in DTYPES:
-        _fail("model.dtype", m.dtype, f"one of {DTYPES}")
-    if m.get("attention_impl") not in ATTENTION_IMPLS:
-        _fail("model.attention_impl", m.attention_impl, f"one of {ATTENTION_IMPLS}")
-    if m.remat not in REMAT_POLICIES:
-        _fail("model.remat", m.remat, f"one of {REMAT_POLICIES}")
-    fl = m.feature_layer
-    if not isinstance(fl, int) or not -v.num_layers - 1 <= fl <= v.num_layers or fl == 0:
-        _fail("model.feature_layer", fl,
-              f"a single int in [-{v.num_layers + 1}, {v.num_layers}] except 0 "
-              "(an index into CLIP's hidden states; lists of layers are not supported)")
-    if v.image_size % v.patch_size:
-        _fail("model.vision.image_size", v.image_size, f"a multiple of patch_size={v.patch_size}")
-    if t.num_heads % t.num_kv_heads:
-        _fail("model.text.num_kv_heads", t.num_kv_heads, f"a divisor of num_heads={t.num_heads}")
-    if v.hidden_size % v.num_heads:
-        _fail("model.vision.num_heads", v.num_heads, f"a divisor of hidden_size={v.hidden_size}")
-    if not initializer_range(t) > 0:
-        _fail("model.text.initializer_range", t.initializer_range, "a positive float (the std of "
-              "the LLM's and projector's weights at initialisation)")
-    if t.head_dim % 2:
-        _fail("model.text.head_dim", t.head_dim, "an even number (RoPE rotates pairs)")
-
-
-def initializer_range(text: ml_collections.ConfigDict) -> float:
-    """`model.text.initializer_range`; configs written before the field existed mean HF's 0.02."""
-    return text.get("initializer_range", INIT_STD)
+    """Fails naming the field, the value and what is allowed (the family's checks)."""
+    family(m).validate(m)
 
 
 RUNTIME_FIELDS = ("dtype", "remat", "scan_unroll", "attention_impl")  # how to run, not what
@@ -150,18 +104,9 @@ def architecture_diff(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict
     return [f"{k}: {fa.get(k)!r} != {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
 
 
-def feature_layers_run(m: ml_collections.ConfigDict) -> int:
-    """How many CLIP encoder layers must run to produce `feature_layer`'s hidden state."""
-    fl = m.feature_layer
-    return fl if fl >= 0 else m.vision.num_layers + 1 + fl
-
-
 def n_vision_tokens(m: ml_collections.ConfigDict) -> int:
-    """Vision tokens per image fed to the LLM (CLS dropped for strategy `default`)."""
-    if family_name(m) == "qwen2_5_vl":
-        return qwen2_5_vl.n_vision_tokens(m)
-    n = (m.vision.image_size // m.vision.patch_size) ** 2
-    return n if m.select_strategy == "default" else n + 1
+    """Vision tokens per image fed to the LLM (LLaVA: CLS dropped for strategy `default`)."""
+    return family(m).n_vision_tokens(m)
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -367,10 +312,10 @@ def validate_train(cfg) -> None:
                                                              for x in w) and 0 <= w[0] < w[1] <= t.steps),
          f"None or (a, b): steps a..b-1 to trace, ints with 0 <= a < b <= train.steps = {t.steps}")
     need("data.template", d.template in TEMPLATES, f"one of {TEMPLATES}")
-    qwen = family_name(cfg.model) == "qwen2_5_vl"
-    need("data.template", qwen == (d.template == "qwen2"),
-         "'qwen2' for a Qwen2.5-VL model" if qwen else
-         f"one of {tuple(t for t in TEMPLATES if t != 'qwen2')} for a LLaVA model")
+    f = family(cfg.model)
+    ok = f.chat_templates
+    need("data.template", d.template in ok,
+         f"{ok[0]!r} for a {f.title} model" if len(ok) == 1 else f"one of {ok} for a {f.title} model")
     need("data.max_len", isinstance(d.max_len, int) and d.max_len > 0, "a positive int (text rows)")
     need("data.num_queries", isinstance(d.num_queries, int) and d.num_queries >= 1, "an int ≥ 1")
 

@@ -59,14 +59,10 @@ from hidrop_jax.layers.llama import Embedder
 from hidrop_jax.layers.rope import rope_tables
 from hidrop_jax.batch import Inputs, last_prompt_row
 from hidrop_jax.checkpoint import find_tokenizer, open_run
-from hidrop_jax.families import family_name
-from hidrop_jax.hf.inputs import hf_to_inputs, qwen_hf_to_inputs
+from hidrop_jax.families import family
 from hidrop_jax.model import (StageKV, stage_positions, decode_layers, forward_hidden, lm_logits,
                               rope_for, text_dims)
 from hidrop_jax.data import templates
-from hidrop_jax.data.image import preprocess
-from hidrop_jax.data.pipeline import qwen_rope
-from hidrop_jax.families import qwen2_5_vl as qwen
 
 
 class State(NamedTuple):
@@ -284,12 +280,10 @@ def generate(cfg, params, inputs: Inputs, *, max_new_tokens: int, eos_id: Option
 
 def generate_hf(cfg, params, input_ids, pixel_values=None, attention_mask=None, **kw) -> dict:
     """`generate` for HF-style inputs (image token expanded n_vision times, left or right
-    padded; see `hf.inputs.hf_to_inputs`)."""
-    if family_name(cfg.model) == "llava":
-        inputs, _ = hf_to_inputs(cfg.model, input_ids, pixel_values, attention_mask)
-        return generate(cfg, params, inputs, **kw)
-    proc = {k: kw.pop(k) for k in ("image_grid_thw", "mm_token_type_ids") if k in kw}
-    inputs, _, m = qwen_hf_to_inputs(cfg.model, input_ids, pixel_values, attention_mask, **proc)
+    padded; see the family's `hf_to_inputs`, which takes the processor outputs it names)."""
+    f = family(cfg.model)
+    proc = {k: kw.pop(k) for k in f.processor_outputs if k in kw}
+    inputs, _, m = f.hf_to_inputs(cfg.model, input_ids, pixel_values, attention_mask, **proc)
     if m is not cfg.model:  # the batch's grid
         cfg = cfg.copy_and_resolve_references()
         cfg.model = m
@@ -338,16 +332,11 @@ def prompt_inputs(cfg, tokenizer, prompt: str, pixels=None, template: str = "v1"
     ids = head + tail
     n = n_vision_tokens(cfg.model) if has_image else 0
     pos = [i if i < len(head) else i + n for i in range(len(ids))]
-    rope = {}
-    if family_name(cfg.model) != "llava":  # M-RoPE rows, as the data pipeline numbers them
-        patch_grid = None  # bucketed pixels [gh/m, gw/m, ·] (`qwen.image_input`) carry their grid
-        if has_image and np.ndim(pixels) == 3:
-            mg = cfg.model.vision.spatial_merge_size
-            patch_grid = (pixels.shape[0] * mg, pixels.shape[1] * mg)
-            rope["vision_valid"] = jnp.asarray(qwen.live_slots(cfg.model, patch_grid))[None]
-        t, v = qwen_rope(cfg.model, np.asarray(pos), np.ones(len(ids), bool), len(head),
-                         has_image, n_vision_tokens(cfg.model), patch_grid)
-        rope.update(text_rope=jnp.asarray(t)[None], vision_rope=jnp.asarray(v)[None])
+    rope, rows = {}, family(cfg.model).rope_rows
+    if rows is not None:  # e.g. M-RoPE rows, as the data pipeline numbers them
+        rope = {k: jnp.asarray(x)[None] for k, x in rows(
+            cfg.model, np.asarray(pos), np.ones(len(ids), bool), len(head), has_image,
+            n_vision_tokens(cfg.model), pixels).items()}
     return Inputs(
         text_ids=jnp.asarray([ids], jnp.int32), text_pos=jnp.asarray([pos], jnp.int32),
         text_valid=jnp.ones((1, len(ids)), bool), image_slot=jnp.asarray([len(head)], jnp.int32),
@@ -406,8 +395,7 @@ def main(argv=None):
     if args.image:
         try:
             raw = Path(args.image).read_bytes()
-            pixels = (preprocess(raw, cfg.model.vision.image_size) if family_name(cfg.model) == "llava"
-                      else qwen.image_input(cfg.model, raw)[0])  # Qwen: patches, its grid or bucket
+            pixels = family(cfg.model).preprocess(cfg.model, raw)  # the family's layout
         except (OSError, ValueError) as e:
             raise ValueError(f"--image {args.image} cannot be read as an image ({e})") from None
     template = args.template or ("data" in cfg and cfg.data.get("template")) or "v1"

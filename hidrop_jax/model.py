@@ -20,15 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from hidrop_jax.batch import Inputs, last_prompt_row
-from hidrop_jax.config import feature_layers_run, initializer_range, schedule_of
-from hidrop_jax.families import family_name
-from hidrop_jax.families import qwen2_5_vl as qwen
+from hidrop_jax.config import initializer_range, schedule_of
+from hidrop_jax.families import family
+from hidrop_jax.families.llava import vision_dims  # noqa: F401  (LLaVA's CLIP dims; importable here as before)
 from hidrop_jax.hidrop.select import score_vision, select
-from hidrop_jax.layers.clip import VisionDims, init_vision, vision_hidden_state
 from hidrop_jax.layers.common import dense, slice_layers, stacked
 from hidrop_jax.layers.llama import DecoderLayer, Embedder, RMSNorm, TextDims
-from hidrop_jax.layers.projector import Projector
-from hidrop_jax.hf.inputs import hf_to_inputs, qwen_hf_to_inputs
 from hidrop_jax.layers.rope import mrope_tables, rope_tables
 
 
@@ -51,19 +48,11 @@ def rope_for(m, positions):
     return rope_tables(positions, t.head_dim, t.rope_theta)
 
 
-def vision_dims(m) -> VisionDims:
-    v = m.vision
-    return VisionDims(v.image_size, v.patch_size, v.num_channels, v.hidden_size,
-                      v.intermediate_size, v.num_layers, v.num_heads, v.layer_norm_eps,
-                      v.hidden_act, _dtype(m))
-
-
 # ----------------------------------------------------------------------------- parameters
 
 def _init_boxed(cfg, rng):
     m = cfg.model
     td = text_dims(m)
-    vd = vision_dims(m) if family_name(m) == "llava" else None
     r = jax.random.split(rng, 6)
     x = jnp.zeros((1, 1, td.hidden_size), jnp.float32)
     pos = jnp.zeros((1, 1), jnp.int32)
@@ -78,14 +67,7 @@ def _init_boxed(cfg, rng):
     if not m.text.tie_word_embeddings:
         text["lm_head"] = dense(td.vocab_size, ("embed", "vocab"), use_bias=False, dtype=jnp.float32,
                                 name="lm_head", init_std=td.init_std).init(r[3], x)["params"]
-    if family_name(m) != "llava":
-        return {**qwen.init_vision(m, r[4]), "text": text}
-    return {
-        "vision": init_vision(vd, r[4]),
-        "projector": Projector(td.hidden_size, m.projector.bias, init_std=td.init_std).init(
-            r[5], jnp.zeros((1, 1, vd.hidden_size)))["params"],
-        "text": text,
-    }
+    return {**family(m).init_vision(m, r[4], r[5]), "text": text}
 
 
 def init_params(cfg, rng, out_shardings=None):
@@ -112,16 +94,9 @@ def count_params(tree) -> int:
 
 def encode_image(m, params, pixels):
     """pixels [B, H, W, C] -> projected vision tokens [B, n_vision, D_text]. Depends on nothing
-    textual, so XLA may run it beside the text-only layers ("parallel decoupling"). Other
-    families take their own pixel layout (Qwen2.5-VL: flattened patches [B, S, C·T·P·P])."""
-    if family_name(m) != "llava":
-        return qwen.encode_image(m, params, pixels)
-    h = vision_hidden_state(vision_dims(m), params["vision"], pixels, feature_layers_run(m),
-                            remat=m.remat, unroll=m.scan_unroll)
-    if m.select_strategy == "default":
-        h = h[:, 1:]
-    proj = Projector(m.text.hidden_size, m.projector.bias, _dtype(m))
-    return proj.apply({"params": params["projector"]}, h)
+    textual, so XLA may run it beside the text-only layers ("parallel decoupling"). Each
+    family takes its own pixel layout (Qwen2.5-VL: flattened patches [B, S, C·T·P·P])."""
+    return family(m).encode_image(m, params, pixels)
 
 
 def run_layers(m, layers, start: int, stop: int, x, rope, pos, valid, raw=None, *,
@@ -318,17 +293,13 @@ def _jitted_forward(cfg_json: str):
 def forward_hf(cfg, params, input_ids, pixel_values=None, attention_mask=None, **processor_outputs):
     """Float32 logits [B, L − n_image_tokens, V] for the non-image positions of `input_ids`, in
     order (pads included, so they align with the input), under `cfg.hidrop` in inference mode
-    (query row = last non-padding token). See `hf.inputs.hf_to_inputs` for accepted layouts; Qwen2.5-VL
-    also takes the processor's `image_grid_thw` and `mm_token_type_ids`
-    (`families.qwen2_5_vl.hf_to_inputs`), and its image grid sets the compiled shape."""
-    if family_name(cfg.model) == "llava":
-        if processor_outputs:
-            raise TypeError(f"forward_hf for LLaVA takes no {sorted(processor_outputs)}")
-        inputs, _ = hf_to_inputs(cfg.model, input_ids, pixel_values, attention_mask)
-    else:
-        inputs, _, m = qwen_hf_to_inputs(cfg.model, input_ids, pixel_values, attention_mask,
-                                            **processor_outputs)
-        if m is not cfg.model:  # another grid: another static shape
-            cfg = cfg.copy_and_resolve_references()
-            cfg.model = m
+    (query row = last non-padding token). The family's `hf_to_inputs` says which layouts it
+    accepts (`families.llava.hf_to_inputs`); Qwen2.5-VL also takes the processor's
+    `image_grid_thw` and `mm_token_type_ids` (`families.qwen2_5_vl.hf_to_inputs`), and its image
+    grid sets the compiled shape."""
+    inputs, _, m = family(cfg.model).hf_to_inputs(cfg.model, input_ids, pixel_values, attention_mask,
+                                                  **processor_outputs)
+    if m is not cfg.model:  # another grid: another static shape
+        cfg = cfg.copy_and_resolve_references()
+        cfg.model = m
     return _jitted_forward(cfg.to_json())(params, inputs)

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from hidrop_jax.config import feature_layers_run, n_vision_tokens, schedule_of
-from hidrop_jax.families import family_name, qwen2_5_vl
-from hidrop_jax.layers.qwen_vision import window_layout
+from hidrop_jax.config import n_vision_tokens, schedule_of
+from hidrop_jax.families import family
 
 GiB = 2 ** 30
 PROGRAMS = ("train", "forward", "prefill", "generate")
@@ -104,39 +103,12 @@ def _token_weight_macs(t) -> float:
     return d * (2 * q + 2 * kv) + 3 * d * t.intermediate_size
 
 
-def _clip_tower_macs(m) -> tuple:
-    """(tower, projector) multiply-adds for one image (CLIP layers up to `feature_layer`)."""
-    v, d = m.vision, m.text.hidden_size
-    N, D, M = (v.image_size // v.patch_size) ** 2 + 1, v.hidden_size, v.intermediate_size
-    tower = feature_layers_run(m) * (4 * N * D * D + 2 * N * N * D + 2 * N * D * M) \
-        + (N - 1) * v.patch_size ** 2 * v.num_channels * D
-    return tower, n_vision_tokens(m) * (D * d + d * d)
-
-
-def qwen_tower_macs(m) -> tuple:
-    """(tower, merger) multiply-adds for one image of the config's fixed grid: patch embedding,
-    blocks (fused qkv, out projection, SwiGLU; attention over the whole image in
-    `fullatt_block_indexes`, within each window elsewhere), merger (two linears on 2×2
-    neighbours)."""
-    d = qwen2_5_vl.vision_dims(m)
-    S, D, M, u = d.num_patches, d.hidden_size, d.intermediate_size, d.merge_unit
-    _, sizes = window_layout(d)
-    windowed = sum((n * u) ** 2 for n in sizes)  # key-query pairs inside windows
-    full = len(d.fullatt_block_indexes)
-    blocks = d.depth * (4 * S * D * D + 3 * S * D * M) + 2 * D * (full * S * S + (d.depth - full) * windowed)
-    merger = (S // u) * (D * u) * (D * u + d.out_hidden_size)
-    return S * d.patch_dim * D + blocks, merger
-
-
 def flops_parts(cfg) -> dict:
     """Multiply-adds per sample, by part: `llm` (decoder layers over the T = `data.max_len` text
     rows plus the vision tokens each layer holds under the HiDrop schedule), `head_row` (the
     LM head of one row), `tower`, `projector` (one image)."""
     s, t, T = schedule_of(cfg), cfg.model.text, cfg.data.max_len
-    if family_name(cfg.model) == "qwen2_5_vl":
-        tower, proj = qwen_tower_macs(cfg.model)
-    else:
-        tower, proj = _clip_tower_macs(cfg.model)
+    tower, proj = family(cfg.model).tower_macs(cfg.model)
     return dict(llm=sum(decoder_layer_macs(T + n, t) for n in s.tokens_per_layer()),
                 head_row=t.hidden_size * t.vocab_size, tower=tower, projector=proj)
 

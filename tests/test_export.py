@@ -12,6 +12,7 @@ from hidrop_jax.hf import save as export
 from hidrop_jax.convert import canonical_name, load_hf, main
 from hidrop_jax.hf.save import save_hf
 from hidrop_jax.config import resolved, with_schedule
+from hidrop_jax.data.image import CLIP_MEAN, CLIP_STD
 from hf_tiny import IMAGE_TOKEN, hf_logits, make_batch, make_hf_llava
 
 VARIANTS = {
@@ -195,8 +196,8 @@ def test_processor_loads_and_runs(tmp_path):
     assert proc.image_token == "<image>" and proc.patch_size == cfg.model.vision.patch_size
     ip = proc.image_processor
     assert ip.crop_size == {"height": 56, "width": 56} and ip.size == {"shortest_edge": 56}
-    np.testing.assert_allclose(ip.image_mean, export.CLIP_MEAN)
-    np.testing.assert_allclose(ip.image_std, export.CLIP_STD)
+    np.testing.assert_allclose(ip.image_mean, CLIP_MEAN)
+    np.testing.assert_allclose(ip.image_std, CLIP_STD)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 90, 3), np.uint8))
     inputs = proc(text="w5 w6 <image> w7 w8", images=image, return_tensors="pt")
     assert int((inputs["input_ids"] == IMAGE_TOKEN).sum()) == 16  # (56/14)^2, CLS dropped

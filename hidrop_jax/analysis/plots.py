@@ -14,9 +14,7 @@ import numpy as np
 
 from hidrop_jax.analysis import probes
 from hidrop_jax.batch import first_query_row
-from hidrop_jax.config import n_vision_tokens
-from hidrop_jax.families import family_name
-from hidrop_jax.families import qwen2_5_vl as qwen
+from hidrop_jax.families import family
 from hidrop_jax.model import forward
 
 matplotlib.use("Agg")
@@ -176,19 +174,11 @@ def draw_stages(cfg, params, schedule, inputs, spec, out: Path, n_show: int):
     ins = inputs._replace(query_idx=q[:, None], query_valid=jnp.ones((len(q), 1), bool))
     kept = jax.jit(lambda p, x: forward(c, p, x, return_aux=True)[1]["kept"])(params, ins)
     kept = [np.asarray(k) for k in jax.device_get(kept)]
-    m = cfg.model
-    if family_name(m) == "llava":
-        grid = m.vision.image_size // m.vision.patch_size
-        cls = n_vision_tokens(m) != grid * grid
-        scale = display_scale(m.vision.image_size)
-        image = lambda px: px  # noqa: E731
-    else:  # a vision token is a merged block of the patch grid (square grids only here)
-        gh, gw = qwen.grid(m)
-        if gh != gw:
-            return []
-        grid, cls = gh // m.vision.spatial_merge_size, False
-        scale = display_scale(m.vision.image_size[0])
-        image = lambda px: qwen.unpatchify(m, px)  # noqa: E731
+    layout = family(cfg.model).token_layout(cfg.model)
+    if layout is None:  # the tokens do not form a square grid
+        return []
+    grid, cls, size, image = layout
+    scale = display_scale(size)
     d = out / "stages"
     d.mkdir(parents=True, exist_ok=True)
     files = []

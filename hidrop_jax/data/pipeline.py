@@ -56,8 +56,7 @@ from hidrop_jax.config import n_vision_tokens
 from hidrop_jax.data import image as image_lib
 from hidrop_jax.data import templates
 from hidrop_jax.data.features import QUESTION_TYPES
-from hidrop_jax.families import family_name
-from hidrop_jax.families import qwen2_5_vl as qwen
+from hidrop_jax.families import family
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -74,9 +73,11 @@ class TextImageSpec:
     image_size: int = 336       # H = W of `pixels` (LLaVA)
     image_mean: tuple = image_lib.CLIP_MEAN
     image_std: tuple = image_lib.CLIP_STD
-    # Qwen2.5-VL: `cfg.model.vision` as sorted (key, value) pairs (hashable, picklable for grain
-    # workers): its fixed grid sets the patches and the M-RoPE rows. Empty for LLaVA.
-    qwen_vision: tuple = ()
+    # `cfg.model.family` and `cfg.model.vision` as sorted (key, value) pairs (hashable, picklable
+    # for grain workers): what the family's `example_vision` reads (Qwen2.5-VL: its fixed grid
+    # sets the patches and the M-RoPE rows; LLaVA reads only the fields above).
+    family: str = "llava"
+    vision: tuple = ()
 
     def __post_init__(self):
         if self.template not in templates.TEMPLATES:
@@ -90,12 +91,13 @@ class TextImageSpec:
 
     @classmethod
     def for_model(cls, model_cfg, **kw) -> "TextImageSpec":
-        """n_vision and image_size from a model config (`cfg.model`)."""
-        if family_name(model_cfg) == "qwen2_5_vl":
-            v = model_cfg.vision.to_dict()
-            return cls(n_vision=n_vision_tokens(model_cfg), image_size=max(v["image_size"]),
-                       qwen_vision=tuple(sorted((k, _hashable(x)) for k, x in v.items())), **kw)
-        return cls(n_vision=n_vision_tokens(model_cfg), image_size=model_cfg.vision.image_size,
+        """n_vision, image_size, the family and its vision config from a model config (`cfg.model`)."""
+        v = model_cfg.vision.to_dict()
+        size = v["image_size"]  # LLaVA: an int; Qwen2.5-VL: [height, width]
+        return cls(n_vision=n_vision_tokens(model_cfg),
+                   image_size=max(size) if isinstance(size, (list, tuple)) else size,
+                   family=family(model_cfg).name,
+                   vision=tuple(sorted((k, _hashable(x)) for k, x in v.items())),
                    **kw)
 
 
@@ -104,32 +106,9 @@ def _hashable(x):
 
 
 @functools.lru_cache(maxsize=8)
-def _qwen_model(qwen_vision: tuple):
-    """The part of a Qwen2.5-VL `cfg.model` that `families.qwen2_5_vl`'s preprocessing reads."""
-    return ml_collections.ConfigDict(dict(vision=dict(qwen_vision)))
-
-
-def qwen_rope(m, text_pos, text_valid, image_slot: int, has_image: bool, n_vision: int,
-              patch_grid=None):
-    """M-RoPE rows of one example ([3, T] text, [3, N] vision) from its order positions:
-    the full sequence (text rows at `text_pos`, the image at image_slot .. +N) numbered by
-    `families.qwen2_5_vl.rope_index` (HF's `get_rope_index`). Padding rows and an absent
-    image get 0. `patch_grid` (a bucket's, default `image_size`'s): its n_b tokens take the
-    first n_b slots; the dead rest are no tokens (rotary 0)."""
-    text_pos, text_valid = np.asarray(text_pos), np.asarray(text_valid, bool)
-    length = max(int(text_pos.max()) + 1, image_slot + n_vision if has_image else 0)
-    n_live = n_vision if patch_grid is None else int(qwen.live_slots(m, patch_grid).sum())
-    mask = np.zeros(length, bool)
-    mask[text_pos[text_valid]] = True
-    is_img = np.zeros(length, bool)
-    if has_image:
-        is_img[image_slot:image_slot + n_live] = mask[image_slot:image_slot + n_live] = True
-    pos3 = qwen.rope_index(m, np.zeros((1, length), np.int64), mask[None], is_img[None],
-                           patch_grid)[:, 0]
-    text_rope = pos3[:, text_pos]  # padding rows: 0 (outside the mask)
-    vision_rope = (pos3[:, image_slot:image_slot + n_vision] if has_image
-                   else np.zeros((3, n_vision), np.int64))
-    return text_rope.astype(np.int32), vision_rope.astype(np.int32)
+def _spec_model(family: str, vision: tuple):
+    """The part of `cfg.model` that a family's `example_vision` reads (from the spec)."""
+    return ml_collections.ConfigDict(dict(family=family, vision=dict(vision)))
 
 
 def _str(x) -> str:
@@ -211,47 +190,12 @@ def encode_example(record: dict, tokenizer, spec: TextImageSpec) -> dict:
     conv = record["conversations"]
     out = encode_text(tokenizer, spec, conv["question"], conv["answer"], conv.get("type"),
                       has_image)
-    if spec.qwen_vision:
-        out.update(_qwen_image(record, out, spec, has_image))
-    elif has_image:
-        out["pixels"] = image_lib.preprocess(record["image"], spec.image_size, spec.image_mean,
-                                             spec.image_std)
-    else:
-        out["pixels"] = np.zeros((spec.image_size, spec.image_size, 3), np.float32)
+    m = _spec_model(spec.family, spec.vision)
+    out.update(family(m).example_vision(m, record, out, spec, has_image))
     out["id"] = np.asarray(_str(record.get("id", ""))[:ANSWER_CHARS], f"<U{ANSWER_CHARS}")
     out["skipped_before"] = np.int32(0)
     out["example_valid"] = np.bool_(True)
     return out
-
-
-def _qwen_image(record, text: dict, spec: TextImageSpec, has_image: bool) -> dict:
-    """Qwen2.5-VL's pixels (patches at the fixed grid; zeros without an image) and M-RoPE rows;
-    with buckets, at the bucket nearest the image's aspect ratio, + `vision_valid`."""
-    m = _qwen_model(spec.qwen_vision)
-    if qwen.buckets(m):
-        return _qwen_bucketed_image(m, record, text, spec, has_image)
-    v, (gh, gw) = m.vision, qwen.grid(m)
-    pixels = (qwen.preprocess(m, record["image"]) if has_image else np.zeros(
-        (gh * gw, v.in_channels * v.temporal_patch_size * v.patch_size ** 2), np.float32))
-    t, vis = qwen_rope(m, text["text_pos"], text["text_valid"], int(text["image_slot"]), has_image,
-                       spec.n_vision)
-    return dict(pixels=pixels, text_rope=t, vision_rope=vis)
-
-
-def _qwen_bucketed_image(m, record, text: dict, spec: TextImageSpec, has_image: bool) -> dict:
-    v = m.vision
-    if has_image:
-        pixels, patch_grid = qwen.image_input(m, record["image"])
-    else:  # no image: the first bucket's shape, zeros
-        size = qwen.buckets(m)[0]
-        patch_grid = (size[0] // v.patch_size, size[1] // v.patch_size)
-        pixels = qwen.bucket_pixels(m, np.zeros((patch_grid[0] * patch_grid[1], v.in_channels
-                                                 * v.temporal_patch_size * v.patch_size ** 2),
-                                                np.float32), patch_grid)
-    t, vis = qwen_rope(m, text["text_pos"], text["text_valid"], int(text["image_slot"]), has_image,
-                       spec.n_vision, patch_grid)
-    return dict(pixels=pixels, text_rope=t, vision_rope=vis,
-                vision_valid=qwen.live_slots(m, patch_grid) & has_image)
 
 
 # ----------------------------------------------------------------------------- grain
@@ -403,7 +347,7 @@ class Loader:
             from absl import flags
             if not flags.FLAGS.is_parsed():
                 flags.FLAGS.mark_as_parsed()
-        bucketed = bool(qwen.buckets(_qwen_model(spec.qwen_vision))) if spec.qwen_vision else False
+        bucketed = bool(dict(spec.vision).get("buckets"))  # image buckets: one pixels shape each
         batch = (BucketBatch if bucketed else grain.Batch)(batch_size, drop_remainder=drop_remainder)
         ops = [Encode(tokenizer, spec, self.stats), DropSkipped(), batch]
         self.loader = grain.DataLoader(data_source=SafeSource(source), sampler=self.sampler,

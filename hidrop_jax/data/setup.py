@@ -16,7 +16,7 @@ from hidrop_jax.checkpoint import copy_tokenizer, find_tokenizer
 from hidrop_jax.data.pipeline import TextImageSpec
 from hidrop_jax.data.sources import data_dir_for, load_source
 from hidrop_jax.data.tokenizer import load_tokenizer, shapes_vqa_tokenizer
-from hidrop_jax.families import family_name
+from hidrop_jax.families import family
 
 
 def open_data(cfg, workdir):
@@ -34,7 +34,7 @@ def open_data(cfg, workdir):
         if lead and Path(src).absolute() != tok_dir.absolute() and not tok_dir.exists():
             copy_tokenizer(src, tok_dir)
     elif d.name.startswith("shapes_vqa"):
-        tok = shapes_vqa_tokenizer(str(tok_dir) if lead else None, family=family_name(cfg.model))
+        tok = shapes_vqa_tokenizer(str(tok_dir) if lead else None, family=family(cfg.model).name)
     else:
         raise ValueError(f"data.tokenizer is empty and no tokenizer lies beside train.init_from="
                          f"{init_from!r}; dataset {d.name!r} needs a tokenizer directory")
@@ -50,17 +50,10 @@ def open_data(cfg, workdir):
     return tok, spec, train, evals
 
 
-# the config fields that name special tokens, per family, and the tokens they must be
-SPECIAL_FIELDS = {
-    "llava": (("image_token_id", "<image>"),),
-    "qwen2_5_vl": (("image_token_id", "<|image_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
-                   ("vision_end_token_id", "<|vision_end|>")),
-}
-
-
 def check_special_tokens(m, tok) -> None:
-    """The model's special-token ids must be the tokenizer's ids of those tokens."""
-    for field, token in SPECIAL_FIELDS[family_name(m)]:
+    """The model's special-token ids (the family's `token_fields`) must be the tokenizer's ids
+    of those tokens."""
+    for field, token in family(m).token_fields:
         got = tok.convert_tokens_to_ids(token)
         if got != m[field]:
             raise ValueError(f"model.{field} = {m[field]}, but the tokenizer's {token} is {got}")

@@ -2,9 +2,10 @@
 directories for real models. Both come back as `transformers.PreTrainedTokenizerFast`, with
 offsets, which the pipeline uses to put labels on answer tokens exactly.
 
-Word-level vocabulary: special tokens first with fixed ids (`SPECIAL_TOKENS`; `<image>` = 3 as in
-`configs/tiny_shapes.py`), then the words in sorted order. Words are runs of letters/digits,
-single punctuation marks and newlines (a newline is a token: the `plain` template's separator).
+Word-level vocabulary: the family's special tokens first with fixed ids (`Family.special_tokens`;
+LLaVA's `<image>` = 3 as in `configs/tiny_shapes.py`), then the words in sorted order. Words are
+runs of letters/digits, single punctuation marks and newlines (a newline is a token: the `plain`
+template's separator).
 """
 
 from __future__ import annotations
@@ -12,15 +13,9 @@ from __future__ import annotations
 import os
 import re
 
-from hidrop_jax.data.templates import QWEN_TEMPLATE_STRINGS, TEMPLATE_STRINGS
 from hidrop_jax.data import shapes
+from hidrop_jax.families import FAMILIES
 
-SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<image>", "<pad>")
-UNK, BOS, EOS, IMAGE, PAD = SPECIAL_TOKENS
-# Qwen2.5-VL's special tokens (its own names; ids are ours: 0..7 as `configs/tiny_shapes_qwen.py`
-# sets them). As Qwen2.5-VL-Instruct's tokenizer: no BOS, EOS = <|im_end|>, pad = <|endoftext|>.
-QWEN_SPECIAL_TOKENS = ("<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
-                       "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 _WORD_RE = r"\w+|[^\w\s]|\n"
 
 
@@ -34,10 +29,11 @@ def build_word_tokenizer(texts, out_dir: str | None = None, *, min_count: int = 
     """A word-level `PreTrainedTokenizerFast` over the words of `texts` (any iterable of str).
 
     Deterministic: ids depend only on the set of words. `pad_to_multiple_of` adds `<extra_i>`
-    tokens so the vocabulary size is a multiple of it. Saved to `out_dir` if given. `family`
-    "qwen2_5_vl": Qwen's special tokens (`QWEN_SPECIAL_TOKENS`) instead of LLaVA's.
+    tokens so the vocabulary size is a multiple of it. Saved to `out_dir` if given. `family`:
+    whose special tokens and roles (`Family.special_tokens`, `token_roles`; first: unk).
     """
-    special = QWEN_SPECIAL_TOKENS if family == "qwen2_5_vl" else SPECIAL_TOKENS
+    fam = FAMILIES[family]
+    special = fam.special_tokens
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -53,19 +49,15 @@ def build_word_tokenizer(texts, out_dir: str | None = None, *, min_count: int = 
     while len(vocab) % pad_to_multiple_of:
         vocab[f"<extra_{i}>"] = len(vocab)
         i += 1
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=special[0]))
     # Drop runs of non-newline whitespace, then isolate words, punctuation marks and newlines.
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
         pre_tokenizers.Split(Regex(_WORD_RE), behavior="isolated"),
     ])
     tok.decoder = decoders.WordPiece(prefix="\u0000", cleanup=False)  # join with spaces
-    if special is QWEN_SPECIAL_TOKENS:
-        roles = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                     additional_special_tokens=[t for t in special[2:] if t != "<|im_end|>"])
-    else:
-        roles = dict(bos_token=BOS, eos_token=EOS, pad_token=PAD, additional_special_tokens=[IMAGE])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=UNK, padding_side="right", **roles)
+    roles = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in fam.token_roles.items()}
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=special[0], padding_side="right", **roles)
     if out_dir is not None:
         hf.save_pretrained(out_dir)
     return hf
@@ -73,13 +65,13 @@ def build_word_tokenizer(texts, out_dir: str | None = None, *, min_count: int = 
 
 def template_texts(family: str = "llava") -> list[str]:
     """Every fixed string the chat templates emit (so the word-level vocabulary covers them)."""
-    return list(QWEN_TEMPLATE_STRINGS if family == "qwen2_5_vl" else TEMPLATE_STRINGS)
+    return list(FAMILIES[family].template_strings)
 
 
 def shapes_vqa_tokenizer(out_dir: str | None = None, *, pad_to_multiple_of: int = 1,
                          family: str = "llava"):
     """The `shapes_vqa` tokenizer: the generator's whole vocabulary + the templates' words
-    (`family` "qwen2_5_vl": Qwen's special tokens and the `qwen2` template's words).
+    (`family`: whose special tokens and template words, e.g. "qwen2_5_vl": the `qwen2` template's).
 
     Built from the generator's vocabulary rather than from a particular build, so small and
     full builds share one tokenizer; `tests/test_data.py` checks a build tokenizes with no

@@ -1,5 +1,5 @@
-"""Qwen2.5-VL as a model family: config, vision tower + merger, M-RoPE positions, preprocessing
-(its HF batch adapter is `hf.inputs.qwen_hf_to_inputs`).
+"""Qwen2.5-VL as a model family: config, vision tower + merger, M-RoPE positions, preprocessing,
+its HF batch adapter (`hf_to_inputs`) and data-pipeline image (`example_vision`).
 
 The LLM is Qwen2 = our Llama decoder with q/k/v biases, rotated by M-RoPE: three position rows
 (t, h, w). Text has t = h = w (= its 1-D position); an image's merged tokens sit at
@@ -30,8 +30,11 @@ import numpy as np
 from PIL import Image
 
 from hidrop_jax.data.image import CLIP_MEAN, CLIP_STD, decode
+from hidrop_jax.data.templates import QWEN_TEMPLATE_STRINGS
+from hidrop_jax.families.base import Family, hf_text_stream
 from hidrop_jax.layers.common import INIT_STD
-from hidrop_jax.layers.qwen_vision import QwenVisionDims, init_qwen_vision, qwen_vision_features
+from hidrop_jax.layers.qwen_vision import (QwenVisionDims, init_qwen_vision, qwen_vision_features,
+                                           window_layout)
 
 NAME = "qwen2_5_vl"
 DTYPES = ("float32", "bfloat16")
@@ -182,8 +185,9 @@ def vision_dims(m, patch_grid=None) -> QwenVisionDims:
         jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32, v.initializer_range)
 
 
-def init_vision(m, rng) -> dict:
-    """Boxed {"vision": tower, "projector": merger} (the merger is Qwen's projector)."""
+def init_vision(m, rng, rng_projector=None) -> dict:
+    """Boxed {"vision": tower, "projector": merger} (the merger is Qwen's projector; `rng`
+    initialises both, `rng_projector` is unused)."""
     tower, merger = init_qwen_vision(vision_dims(m), rng)
     return {"vision": tower, "projector": merger}
 
@@ -320,3 +324,208 @@ def unpatchify(m, patches) -> np.ndarray:
     c = v.in_channels
     x = np.asarray(patches, np.float32).reshape(gh // mg, gw // mg, mg, mg, c, t, p, p)[:, :, :, :, :, 0]
     return x.transpose(0, 2, 5, 1, 3, 6, 4).reshape(gh * p, gw * p, c)
+
+
+# ----------------------------------------------------------------------------- input
+
+def hf_to_inputs(m, input_ids, pixel_values=None, attention_mask=None, *, image_grid_thw=None,
+                 mm_token_type_ids=None):
+    """HF Qwen2.5-VL batch -> (`Inputs`, index of each text slot in `input_ids` [B, T],
+    `m` for the batch's grid: the compiled shape follows it).
+
+    `pixel_values` [Σ patches, C·T·P·P] and `image_grid_thw` [n_images, 3] as the processor gives
+    them (one image per sample that has image tokens, all of one grid). `mm_token_type_ids`
+    (1 at image tokens) is checked against `input_ids` when given; videos are not supported.
+    With `model.vision.buckets` set, a grid of at most N = n_vision_tokens merged tokens keeps
+    `m`: its tokens fill the first vision slots, the rest are dead (`Inputs.vision_valid`) and the
+    pixels come bucketed ([B, gh/m, gw/m, m²·C·T·P·P]): the same LLM shape for every grid.
+    """
+    ids = np.asarray(input_ids)
+    mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    is_img = (ids == m.image_token_id) & mask
+    if mm_token_type_ids is not None:
+        tt = np.asarray(mm_token_type_ids)
+        if tt.shape != ids.shape:
+            raise ValueError(f"mm_token_type_ids shape {tt.shape} != input_ids shape {ids.shape}")
+        if ((tt == 2) & mask).any():
+            raise ValueError("mm_token_type_ids has video tokens (2); only images are supported")
+        if not np.array_equal((tt == 1) & mask, is_img):
+            raise ValueError("mm_token_type_ids (1 = image) disagrees with the image tokens "
+                             f"(id {m.image_token_id}) of input_ids")
+    patch_grid = None  # bucketed: the batch's grid at N padded slots
+    if is_img.any():
+        if image_grid_thw is None or pixel_values is None:
+            raise ValueError("input_ids contain image tokens but pixel_values or image_grid_thw is None")
+        if buckets(m):
+            patch_grid = batch_grid(image_grid_thw)
+            mg = m.vision.spatial_merge_size
+            n_b, n = patch_grid[0] * patch_grid[1] // mg ** 2, n_vision_tokens(m)
+            if n_b > n or any(g % mg for g in patch_grid):
+                raise ValueError(f"image_grid_thw grid {list(patch_grid)} has {n_b} merged tokens; "
+                                 f"with model.vision.buckets set, allowed: grids of rows and cols "
+                                 f"divisible by {mg} with at most image_size's {n}")
+        else:
+            m = with_grid(m, image_grid_thw)
+    if patch_grid is not None:
+        return _hf_to_inputs_bucketed(m, ids, mask, is_img, pixel_values, patch_grid)
+    base, slots = hf_text_stream(m, ids, mask, n_vision_tokens(m))
+    pos3 = rope_index(m, ids, mask, is_img)
+    text_rope = np.take_along_axis(pos3, slots[None], axis=2).transpose(1, 0, 2)  # [B, 3, T]
+    has = is_img.any(1)
+    n = n_vision_tokens(m)
+    vis_rope = np.zeros((len(ids), 3, n), np.int64)
+    pixels = None
+    if has.any():
+        for i in np.flatnonzero(has):
+            vis_rope[i] = pos3[:, i, is_img[i]]
+        d = vision_dims(m)
+        px = np.asarray(pixel_values, np.float32)
+        n_img = int(has.sum())
+        if px.shape != (n_img * d.num_patches, d.patch_dim):
+            raise ValueError(f"pixel_values has shape {px.shape}; expected ({n_img} images × "
+                             f"{d.num_patches} patches, {d.patch_dim}) for grid {d.grid_h}×{d.grid_w}")
+        full = np.zeros((len(ids), d.num_patches, d.patch_dim), np.float32)
+        full[has] = px.reshape(n_img, d.num_patches, d.patch_dim)
+        pixels = jnp.asarray(full)
+    inputs = base._replace(pixels=pixels, text_rope=jnp.asarray(text_rope, jnp.int32),
+                           vision_rope=jnp.asarray(vis_rope, jnp.int32))
+    return inputs, slots, m
+
+
+def _hf_to_inputs_bucketed(m, ids, mask, is_img, pixel_values, patch_grid):
+    """`hf_to_inputs` for a grid served at N padded slots (see there)."""
+    d = vision_dims(m, patch_grid)
+    live = live_slots(m, patch_grid)
+    n_b, n = int(live.sum()), len(live)
+    base, slots = hf_text_stream(m, ids, mask, n_b)
+    pos3 = rope_index(m, ids, mask, is_img, patch_grid)
+    text_rope = np.take_along_axis(pos3, slots[None], axis=2).transpose(1, 0, 2)  # [B, 3, T]
+    has = is_img.any(1)
+    vis_rope = np.zeros((len(ids), 3, n), np.int64)  # dead slots: 0 (never attended)
+    for i in np.flatnonzero(has):
+        vis_rope[i, :, :n_b] = pos3[:, i, is_img[i]]
+    px = np.asarray(pixel_values, np.float32)
+    n_img = int(has.sum())
+    if px.shape != (n_img * d.num_patches, d.patch_dim):
+        raise ValueError(f"pixel_values has shape {px.shape}; expected ({n_img} images × "
+                         f"{d.num_patches} patches, {d.patch_dim}) for grid {d.grid_h}×{d.grid_w}")
+    full = np.zeros((len(ids), d.num_patches, d.patch_dim), np.float32)
+    full[has] = px.reshape(n_img, d.num_patches, d.patch_dim)
+    inputs = base._replace(pixels=jnp.asarray(bucket_pixels(m, full, patch_grid)),
+                           text_rope=jnp.asarray(text_rope, jnp.int32),
+                           vision_rope=jnp.asarray(vis_rope, jnp.int32),
+                           vision_valid=jnp.asarray(has[:, None] & live[None]))
+    return inputs, slots, m
+
+
+def rope_rows(m, text_pos, text_valid, image_slot: int, has_image: bool, n_vision: int,
+              pixels=None) -> dict:
+    """M-RoPE rows of one example ({"text_rope": [3, T], "vision_rope": [3, N]}) from its order
+    positions: the full sequence (text rows at `text_pos`, the image at image_slot .. +N)
+    numbered by `rope_index` (HF's `get_rope_index`). Padding rows and an absent image get 0.
+    With `model.vision.buckets`, `pixels` (bucketed, [gh/m, gw/m, ·], see `image_input`) carry
+    the image's grid: its n_b tokens take the first n_b slots, numbered at that grid, and
+    "vision_valid" [N] marks them (the dead rest rotate by 0 and are never attended)."""
+    patch_grid = None
+    if buckets(m) and pixels is not None:
+        mg = m.vision.spatial_merge_size
+        patch_grid = (pixels.shape[0] * mg, pixels.shape[1] * mg)
+    n_live = n_vision if patch_grid is None else int(live_slots(m, patch_grid).sum())
+    text_pos, text_valid = np.asarray(text_pos), np.asarray(text_valid, bool)
+    length = max(int(text_pos.max()) + 1, image_slot + n_vision if has_image else 0)
+    mask = np.zeros(length, bool)
+    mask[text_pos[text_valid]] = True
+    is_img = np.zeros(length, bool)
+    if has_image:
+        is_img[image_slot:image_slot + n_live] = mask[image_slot:image_slot + n_live] = True
+    pos3 = rope_index(m, np.zeros((1, length), np.int64), mask[None], is_img[None], patch_grid)[:, 0]
+    text_rope = pos3[:, text_pos]  # padding rows: 0 (outside the mask)
+    vision_rope = (pos3[:, image_slot:image_slot + n_vision] if has_image
+                   else np.zeros((3, n_vision), np.int64))
+    out = dict(text_rope=text_rope.astype(np.int32), vision_rope=vision_rope.astype(np.int32))
+    if patch_grid is not None:
+        out["vision_valid"] = live_slots(m, patch_grid) & has_image
+    return out
+
+
+def pixels_shape(m) -> tuple:
+    d = vision_dims(m)
+    return (d.num_patches, d.patch_dim)
+
+
+def example_vision(m, record, text: dict, spec, has_image: bool) -> dict:
+    """The data pipeline's pixels and M-RoPE rows of one example. `m` holds `vision` only (what
+    the pipeline's spec carries). Patches at the fixed grid (zeros without an image); with
+    buckets, bucketed pixels at the bucket nearest the image's aspect ratio (no image: the first
+    bucket's shape, zeros) and `vision_valid`."""
+    v = m.vision
+    if has_image:
+        pixels, _ = image_input(m, record["image"])
+    elif buckets(m):
+        size = buckets(m)[0]
+        patch_grid = (size[0] // v.patch_size, size[1] // v.patch_size)
+        pixels = bucket_pixels(m, np.zeros((patch_grid[0] * patch_grid[1], v.in_channels
+                                            * v.temporal_patch_size * v.patch_size ** 2),
+                                           np.float32), patch_grid)
+    else:
+        gh, gw = grid(m)
+        pixels = np.zeros((gh * gw, v.in_channels * v.temporal_patch_size * v.patch_size ** 2),
+                          np.float32)
+    rows = rope_rows(m, text["text_pos"], text["text_valid"], int(text["image_slot"]), has_image,
+                     spec.n_vision, pixels)
+    return dict(pixels=pixels, **rows)
+
+
+def prompt_pixels(m, image) -> np.ndarray:
+    """One image -> the pixels `generate` feeds: at the fixed grid, or bucketed (`image_input`)."""
+    return image_input(m, image)[0]
+
+
+# ----------------------------------------------------------------------------- reports
+
+def tower_macs(m) -> tuple:
+    """(tower, merger) multiply-adds for one image of the config's fixed grid: patch embedding,
+    blocks (fused qkv, out projection, SwiGLU; attention over the whole image in
+    `fullatt_block_indexes`, within each window elsewhere), merger (two linears on 2×2
+    neighbours)."""
+    d = vision_dims(m)
+    S, D, M, u = d.num_patches, d.hidden_size, d.intermediate_size, d.merge_unit
+    _, sizes = window_layout(d)
+    windowed = sum((n * u) ** 2 for n in sizes)  # key-query pairs inside windows
+    full = len(d.fullatt_block_indexes)
+    blocks = d.depth * (4 * S * D * D + 3 * S * D * M) + 2 * D * (full * S * S + (d.depth - full) * windowed)
+    merger = (S // u) * (D * u) * (D * u + d.out_hidden_size)
+    return S * d.patch_dim * D + blocks, merger
+
+
+def token_layout(m):
+    """A vision token is a merged block of the patch grid (square grids only)."""
+    gh, gw = grid(m)
+    if gh != gw:
+        return None
+    return gh // m.vision.spatial_merge_size, False, m.vision.image_size[0], lambda px: unpatchify(m, px)
+
+
+# Qwen2.5-VL's special tokens (its own names; ids are ours: 0..7 as `configs/tiny_shapes_qwen.py`
+# sets them). As Qwen2.5-VL-Instruct's tokenizer: no BOS, EOS = <|im_end|>, pad = <|endoftext|>.
+SPECIAL_TOKENS = ("<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+FAMILY = Family(
+    name=NAME, title="Qwen2.5-VL",
+    validate=validate, n_vision_tokens=n_vision_tokens,
+    chat_templates=("qwen2",), default_template="qwen2",
+    init_vision=init_vision, encode_image=encode_image,
+    hf_to_inputs=hf_to_inputs, processor_outputs=("image_grid_thw", "mm_token_type_ids"),
+    preprocess=prompt_pixels, pixels_shape=pixels_shape, example_vision=example_vision,
+    rope_rows=rope_rows,
+    special_tokens=SPECIAL_TOKENS,
+    token_roles=dict(eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                     additional_special_tokens=[t for t in SPECIAL_TOKENS[2:] if t != "<|im_end|>"]),
+    template_strings=QWEN_TEMPLATE_STRINGS,
+    token_fields=(("image_token_id", "<|image_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
+                  ("vision_end_token_id", "<|vision_end|>")),
+    tower_macs=tower_macs, token_layout=token_layout,
+    remote_code=("modeling_hidrop_qwen2_5_vl.py", "HiDropQwen2_5_VLConfig",
+                 "HiDropQwen2_5_VLForConditionalGeneration"),
+)

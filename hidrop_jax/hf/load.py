@@ -16,8 +16,12 @@ import numpy as np
 
 from hidrop_jax.families import family_name
 from hidrop_jax.hf import mapping, qwen_mapping
-from hidrop_jax.hf.mapping import _V, config_from_hf, vision_from_hf
+from hidrop_jax.hf.mapping import _V, vision_from_hf
 from hidrop_jax.model import abstract_params
+
+# Each family's HF mapping module, by `cfg.model.family` (see `hf.mapping`'s docstring for what one
+# holds). Not a `Family` member: the mapping modules import `config`, which imports the families.
+MAPPINGS = {mp.FAMILY: mp for mp in (mapping, qwen_mapping)}
 
 
 # Beside the weights of our exports (HF's LLaVA has no place for them): the HiDrop schedule the
@@ -110,7 +114,7 @@ def params_from_tensors(cfg, tensors, *, group: str | None = None,
 
 def family_mapping(cfg):
     """The mapping module of `cfg`'s model family: `hf.mapping` (LLaVA) or `hf.qwen_mapping`."""
-    return qwen_mapping if family_name(cfg.model) == "qwen2_5_vl" else mapping
+    return MAPPINGS[family_name(cfg.model)]
 
 
 def load_hf(hf_dir, **kw) -> tuple[ml_collections.ConfigDict, dict]:
@@ -122,7 +126,9 @@ def load_hf(hf_dir, **kw) -> tuple[ml_collections.ConfigDict, dict]:
     if not cfg_file.exists():
         raise FileNotFoundError(f"{cfg_file} does not exist (expected a Hugging Face model directory)")
     hf = json.loads(cfg_file.read_text())
-    cfg = qwen_mapping.config_from_hf(hf, **kw) if hf.get("model_type") == "qwen2_5_vl" else config_from_hf(hf)
+    # the family whose model_type it is; another model_type gets LLaVA's error naming the allowed ones
+    mp = next((mp for mp in MAPPINGS.values() if mp.MODEL_TYPE == hf.get("model_type")), mapping)
+    cfg = mp.config_from_hf(hf, **kw)
     params = params_from_tensors(cfg, _read_tensors(_safetensor_files(hf_dir)))
     return cfg, jax.tree.map(np.asarray, params)
 

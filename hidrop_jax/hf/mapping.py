@@ -2,17 +2,25 @@
 
 One declarative table maps each HF tensor (legacy hub layout) to a parameter path and a
 transform; `canonical_name` reads every key layout transformers has used. `load.py` and
-`save.py` apply it; nothing else knows HF names.
+`save.py` apply it; nothing else knows HF names. A family's mapping module has the members this
+one has (`hf.load.MAPPINGS`): FAMILY, MODEL_TYPE, TABLE, canonical_name, to_ours, to_hf,
+expected_tensors, config_from_hf, config_to_hf, write_processor.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import ml_collections
 import numpy as np
 
 from hidrop_jax.config import hidrop_defaults, initializer_range, model_config, n_vision_tokens
+from hidrop_jax.data.image import CLIP_MEAN, CLIP_STD
+
+FAMILY = "llava"       # `cfg.model.family`
+MODEL_TYPE = "llava"   # config.json's `model_type`
 
 # (HF name in the legacy hub layout, parameter path, transform). `{i}` marks a stacked layer.
 # linear: HF [out, in] <-> [in, out]; conv: [O, I, kh, kw] <-> [kh, kw, I, O]; copy: as is.
@@ -123,7 +131,7 @@ def vision_to_hf(v) -> dict:
 
 def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
     """Our config (`cfg.model`, `cfg.hidrop` = vanilla) from a LLaVA `config.json` dict."""
-    if hf.get("model_type") != "llava":
+    if hf.get("model_type") != MODEL_TYPE:
         _unsupported("model_type", hf.get("model_type"), "'llava' (or 'qwen2_5_vl' through load_hf)")
     v, t = hf.get("vision_config", {}), hf.get("text_config", {})
     if v.get("model_type", "clip_vision_model") != "clip_vision_model":
@@ -185,3 +193,45 @@ def config_to_hf(cfg) -> dict:
             "tie_word_embeddings": t.tie_word_embeddings, "attention_bias": False, "mlp_bias": False,
             "initializer_range": initializer_range(t)},
     }
+
+
+# ----------------------------------------------------------------------------- processor files
+
+def _image_processor(cfg):
+    try:  # transformers 5 without torchvision: the PIL backend (what `CLIPImageProcessor` falls back to)
+        from transformers import CLIPImageProcessorPil as Proc
+    except ImportError:
+        from transformers import CLIPImageProcessor as Proc
+    s = cfg.model.vision.image_size
+    return Proc(do_resize=True, size={"shortest_edge": s}, resample=3, do_center_crop=True,
+                crop_size={"height": s, "width": s}, do_rescale=True, rescale_factor=1 / 255,
+                do_normalize=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True)
+
+
+def write_processor(tmp: Path, cfg, tokenizer, image_token: str) -> None:
+    """The tokenizer, CLIP's image processor and a `LlavaProcessor` (so `AutoProcessor` loads)."""
+    from transformers import LlavaProcessor
+    m = cfg.model
+    proc = LlavaProcessor(
+        image_processor=_image_processor(cfg), tokenizer=tokenizer, patch_size=m.vision.patch_size,
+        vision_feature_select_strategy=m.select_strategy, image_token=image_token,
+        num_additional_image_tokens=1)  # CLIP's CLS token ("default" drops it again)
+    proc.save_pretrained(str(tmp))
+    # transformers 5 nests the image processor in processor_config.json and names its generic
+    # fast tokenizer `TokenizersBackend`; 4.x reads preprocessor_config.json and knows the same
+    # class as `PreTrainedTokenizerFast` (5.x keeps that name as an alias). Write what both read.
+    pre = tmp / "preprocessor_config.json"
+    if not pre.exists():
+        proc.image_processor.to_json_file(str(pre))
+    edit_json(pre, lambda d: d.update(image_processor_type="CLIPImageProcessor")
+               if d.get("image_processor_type", "").startswith("CLIPImageProcessor") else None)
+    edit_json(tmp / "tokenizer_config.json", lambda d: d.update(tokenizer_class="PreTrainedTokenizerFast")
+               if d.get("tokenizer_class") == "TokenizersBackend" else None)
+
+
+def edit_json(path: Path, edit) -> None:
+    """Rewrites a JSON file through `edit` (in place), if it exists."""
+    if path.exists():
+        d = json.loads(path.read_text())
+        edit(d)
+        path.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")

@@ -10,12 +10,17 @@ that transformers 5.x loads; the round trip is bit-identical.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import ml_collections
 
 from hidrop_jax.config import hidrop_defaults, initializer_range
-from hidrop_jax.hf.mapping import _unsupported, to_hf, to_ours  # noqa: F401  (shared transforms, incl. conv3d)
+from hidrop_jax.data.image import CLIP_MEAN, CLIP_STD
+from hidrop_jax.hf.mapping import _unsupported, edit_json, to_hf, to_ours  # noqa: F401  (shared transforms, incl. conv3d)
 from hidrop_jax.families import qwen2_5_vl as family
+
+FAMILY = family.NAME         # `cfg.model.family`
+MODEL_TYPE = "qwen2_5_vl"    # config.json's `model_type`
 
 # (HF name in the hub layout, parameter path, transform). `{i}` marks a stacked layer.
 # linear: [out, in] <-> [in, out]; conv3d: [O, C, T, P, P] <-> [C·T·P·P, O]; copy: as is.
@@ -80,7 +85,7 @@ def config_from_hf(hf: dict, image_size=(672, 672)) -> ml_collections.ConfigDict
     """Our config (`cfg.model`, `cfg.hidrop` = vanilla) from a Qwen2.5-VL `config.json` dict
     (nested `text_config` as 5.x writes it, or flat as on the hub). `image_size` [h, w] px: the
     static grid (HF's is dynamic); `forward_hf` follows the batch's `image_grid_thw`."""
-    if hf.get("model_type") != "qwen2_5_vl":
+    if hf.get("model_type") != MODEL_TYPE:
         _unsupported("model_type", hf.get("model_type"), "'qwen2_5_vl'")
     t = hf.get("text_config") or hf  # the hub's flat layout keeps the text fields at the root
     v = hf.get("vision_config", {})
@@ -153,3 +158,24 @@ def config_to_hf(cfg) -> dict:
             "tie_word_embeddings": t.tie_word_embeddings, "use_sliding_window": False,
             "initializer_range": initializer_range(t)},
     }
+
+
+# ----------------------------------------------------------------------------- processor files
+
+def write_processor(tmp: Path, cfg, tokenizer, image_token: str) -> None:
+    """The tokenizer and a `Qwen2VLImageProcessor` for the config's fixed grid (CLIP mean/std,
+    min = max pixels = the grid's, so an image of `image_size` keeps it). No `Qwen2_5_VLProcessor`:
+    in transformers 5.24 it also needs a video processor (torchvision)."""
+    try:  # transformers 5 without torchvision: the PIL backend
+        from transformers import Qwen2VLImageProcessorPil as Proc
+    except ImportError:
+        from transformers import Qwen2VLImageProcessor as Proc
+    v = cfg.model.vision
+    h, w = v.image_size
+    proc = Proc(size={"shortest_edge": h * w, "longest_edge": h * w}, patch_size=v.patch_size,
+                merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
+                image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True)
+    proc.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    edit_json(tmp / "tokenizer_config.json", lambda d: d.update(tokenizer_class="PreTrainedTokenizerFast")
+               if d.get("tokenizer_class") == "TokenizersBackend" else None)

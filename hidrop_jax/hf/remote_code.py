@@ -18,26 +18,22 @@ import shutil
 from pathlib import Path
 
 from hidrop_jax.config import schedule_of
-from hidrop_jax.families import family_name
+from hidrop_jax.families import FAMILIES, family_name
 
 _HERE = Path(__file__).parent
 HELPER_FILE = _HERE / "hidrop_torch.py"
-# family -> (modeling file, config class, model class)
-_CODE = {
-    "llava": ("modeling_hidrop_llava.py", "HiDropLlavaConfig", "HiDropLlavaForConditionalGeneration"),
-    "qwen2_5_vl": ("modeling_hidrop_qwen2_5_vl.py", "HiDropQwen2_5_VLConfig",
-                   "HiDropQwen2_5_VLForConditionalGeneration"),
-}
 
 
 def modeling_file(family: str) -> Path:
-    return _HERE / _CODE[family][0]
+    """The modeling file of a family (`Family.remote_code`: file, config class, model class)."""
+    return _HERE / FAMILIES[family].remote_code[0]
 
 
 def auto_map(family: str) -> dict:
-    module = _CODE[family][0][:-len(".py")]
-    return {"AutoConfig": f"{module}.{_CODE[family][1]}",
-            "AutoModelForImageTextToText": f"{module}.{_CODE[family][2]}"}
+    file, config_class, model_class = FAMILIES[family].remote_code
+    module = file[:-len(".py")]
+    return {"AutoConfig": f"{module}.{config_class}",
+            "AutoModelForImageTextToText": f"{module}.{model_class}"}
 
 
 MODELING_FILE = modeling_file("llava")

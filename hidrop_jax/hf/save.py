@@ -26,8 +26,6 @@ import numpy as np
 
 from hidrop_jax.atomic import atomic_dir, check_out_dir
 from hidrop_jax.config import resolved
-from hidrop_jax.data.image import CLIP_MEAN, CLIP_STD
-from hidrop_jax.hf import mapping
 from hidrop_jax.hf.load import DATA_FILE, SCHEDULE_FILE, family_mapping
 from hidrop_jax.hf.mapping import expected_tensors, to_hf, vision_to_hf
 from hidrop_jax.hf.remote_code import add_hidrop_code
@@ -143,17 +141,6 @@ def hf_config(cfg) -> dict:
     return out
 
 
-def _image_processor(cfg):
-    try:  # transformers 5 without torchvision: the PIL backend (what `CLIPImageProcessor` falls back to)
-        from transformers import CLIPImageProcessorPil as Proc
-    except ImportError:
-        from transformers import CLIPImageProcessor as Proc
-    s = cfg.model.vision.image_size
-    return Proc(do_resize=True, size={"shortest_edge": s}, resample=3, do_center_crop=True,
-                crop_size={"height": s, "width": s}, do_rescale=True, rescale_factor=1 / 255,
-                do_normalize=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True)
-
-
 def _check_tokenizer(cfg, tokenizer) -> str:
     """The image token's string; fails unless the tokenizer fits the model."""
     m = cfg.model
@@ -170,58 +157,12 @@ def _check_tokenizer(cfg, tokenizer) -> str:
     return image_token
 
 
-def _write_processor(tmp: Path, cfg, tokenizer, image_token: str) -> None:
-    from transformers import LlavaProcessor
-    m = cfg.model
-    proc = LlavaProcessor(
-        image_processor=_image_processor(cfg), tokenizer=tokenizer, patch_size=m.vision.patch_size,
-        vision_feature_select_strategy=m.select_strategy, image_token=image_token,
-        num_additional_image_tokens=1)  # CLIP's CLS token ("default" drops it again)
-    proc.save_pretrained(str(tmp))
-    # transformers 5 nests the image processor in processor_config.json and names its generic
-    # fast tokenizer `TokenizersBackend`; 4.x reads preprocessor_config.json and knows the same
-    # class as `PreTrainedTokenizerFast` (5.x keeps that name as an alias). Write what both read.
-    pre = tmp / "preprocessor_config.json"
-    if not pre.exists():
-        proc.image_processor.to_json_file(str(pre))
-    _edit_json(pre, lambda d: d.update(image_processor_type="CLIPImageProcessor")
-               if d.get("image_processor_type", "").startswith("CLIPImageProcessor") else None)
-    _edit_json(tmp / "tokenizer_config.json", lambda d: d.update(tokenizer_class="PreTrainedTokenizerFast")
-               if d.get("tokenizer_class") == "TokenizersBackend" else None)
-
-
-def _write_qwen_tokenizer(tmp: Path, cfg, tokenizer) -> None:
-    """The tokenizer and a `Qwen2VLImageProcessor` for the config's fixed grid (CLIP mean/std,
-    min = max pixels = the grid's, so an image of `image_size` keeps it). No `Qwen2_5_VLProcessor`:
-    in transformers 5.24 it also needs a video processor (torchvision)."""
-    try:  # transformers 5 without torchvision: the PIL backend
-        from transformers import Qwen2VLImageProcessorPil as Proc
-    except ImportError:
-        from transformers import Qwen2VLImageProcessor as Proc
-    v = cfg.model.vision
-    h, w = v.image_size
-    proc = Proc(size={"shortest_edge": h * w, "longest_edge": h * w}, patch_size=v.patch_size,
-                merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
-                image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True)
-    proc.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    _edit_json(tmp / "tokenizer_config.json", lambda d: d.update(tokenizer_class="PreTrainedTokenizerFast")
-               if d.get("tokenizer_class") == "TokenizersBackend" else None)
-
-
-def _edit_json(path: Path, edit) -> None:
-    if path.exists():
-        d = json.loads(path.read_text())
-        edit(d)
-        path.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
-
-
 def save_hf(cfg, params, out_dir, tokenizer=None, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
             overwrite: bool = False, hidrop_code: bool = True) -> Path:
     """Writes a HF LLaVA or Qwen2.5-VL directory for (cfg, params); returns its path. `tokenizer`
     (a `PreTrainedTokenizerBase` whose vocabulary holds `cfg.model.image_token_id`) adds the
     tokenizer and an image processor (LLaVA: CLIP's + a LlavaProcessor, so `AutoProcessor`
-    loads; Qwen: `Qwen2VLImageProcessor` for the fixed grid, `_write_qwen_tokenizer`).
+    loads; Qwen: `Qwen2VLImageProcessor` for the fixed grid: the mapping's `write_processor`).
     `hidrop_code`: with a non-vanilla schedule, also the HiDrop modeling file + `auto_map`
     (`hf.remote_code`), so transformers runs the schedule with `trust_remote_code=True`."""
     out = Path(out_dir).absolute()
@@ -236,10 +177,8 @@ def save_hf(cfg, params, out_dir, tokenizer=None, *, max_shard_bytes: int = DEFA
             (tmp / SCHEDULE_FILE).write_text(resolved(cfg).hidrop.to_json(indent=1) + "\n")
         if "data" in cfg and cfg.data.get("template"):  # the chat template the model was trained on
             (tmp / DATA_FILE).write_text(json.dumps(dict(template=cfg.data.template), indent=1) + "\n")
-        if tokenizer is not None and family_mapping(cfg) is mapping:
-            _write_processor(tmp, cfg, tokenizer, image_token)
-        elif tokenizer is not None:
-            _write_qwen_tokenizer(tmp, cfg, tokenizer)
+        if tokenizer is not None:
+            family_mapping(cfg).write_processor(tmp, cfg, tokenizer, image_token)
         # config.json last: a directory with it is a complete model.
         conf = add_hidrop_code(tmp, cfg, hf_config(cfg)) if hidrop_code else hf_config(cfg)
         (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
