@@ -23,6 +23,7 @@ from hidrop_jax.batch import Inputs, last_prompt_row
 from hidrop_jax.config import initializer_range, schedule_of
 from hidrop_jax.families import family
 from hidrop_jax.families.llava import vision_dims  # noqa: F401  (LLaVA's CLIP dims; importable here as before)
+from hidrop_jax.hf.inputs import hf_to_inputs  # noqa: F401  (LLaVA's HF adapter; importable here as before)
 from hidrop_jax.hidrop.select import score_vision, select
 from hidrop_jax.layers.common import dense, slice_layers, stacked
 from hidrop_jax.layers.llama import DecoderLayer, Embedder, RMSNorm, TextDims
