@@ -31,7 +31,7 @@ from PIL import Image
 
 from hidrop_jax.data.image import CLIP_MEAN, CLIP_STD, decode
 from hidrop_jax.data.templates import QWEN_TEMPLATE_STRINGS
-from hidrop_jax.families.base import Family, hf_text_stream
+from hidrop_jax.families.base import Family, fail, hf_text_stream
 from hidrop_jax.layers.common import INIT_STD
 from hidrop_jax.layers.qwen_vision import (QwenVisionDims, init_qwen_vision, qwen_vision_features,
                                            window_layout)
@@ -74,49 +74,45 @@ def model_config(*, vision: dict, text: dict, image_token_id: int = 151655,
     return m
 
 
-def _fail(field: str, value, allowed: str):
-    raise ValueError(f"config field `{field}` = {value!r} is not supported; allowed: {allowed}")
-
-
 def validate(m) -> None:
     """Fails naming the field, the value and what is allowed."""
     v, t = m.vision, m.text
     if m.dtype not in DTYPES:
-        _fail("model.dtype", m.dtype, f"one of {DTYPES}")
+        fail("model.dtype", m.dtype, f"one of {DTYPES}")
     if m.remat not in REMAT_POLICIES:
-        _fail("model.remat", m.remat, f"one of {REMAT_POLICIES}")
+        fail("model.remat", m.remat, f"one of {REMAT_POLICIES}")
     if m.get("attention_impl") not in ATTENTION_IMPLS:
-        _fail("model.attention_impl", m.attention_impl, f"one of {ATTENTION_IMPLS}")
+        fail("model.attention_impl", m.attention_impl, f"one of {ATTENTION_IMPLS}")
     if v.hidden_act != "silu":
-        _fail("model.vision.hidden_act", v.hidden_act, "'silu'")
+        fail("model.vision.hidden_act", v.hidden_act, "'silu'")
     if t.hidden_act != "silu":
-        _fail("model.text.hidden_act", t.hidden_act, "'silu'")
+        fail("model.text.hidden_act", t.hidden_act, "'silu'")
     if v.hidden_size % v.num_heads or (v.hidden_size // v.num_heads) % 4:
-        _fail("model.vision.num_heads", v.num_heads, f"a divisor of hidden_size={v.hidden_size} "
+        fail("model.vision.num_heads", v.num_heads, f"a divisor of hidden_size={v.hidden_size} "
               "leaving a head size divisible by 4 (2-D RoPE rotates row and column pairs)")
     unit = v.patch_size * v.spatial_merge_size
     size = tuple(v.image_size)
     if len(size) != 2 or any(s <= 0 or s % unit for s in size):
-        _fail("model.vision.image_size", list(size), f"[height, width] in px, positive multiples "
+        fail("model.vision.image_size", list(size), f"[height, width] in px, positive multiples "
               f"of patch_size·spatial_merge_size = {unit}")
     validate_buckets(m)
     if v.window_size // v.spatial_merge_size // v.patch_size < 1:
-        _fail("model.vision.window_size", v.window_size, f"at least patch_size·spatial_merge_size = {unit}")
+        fail("model.vision.window_size", v.window_size, f"at least patch_size·spatial_merge_size = {unit}")
     bad = [i for i in v.fullatt_block_indexes if not 0 <= i < v.depth]
     if bad:
-        _fail("model.vision.fullatt_block_indexes", list(v.fullatt_block_indexes),
+        fail("model.vision.fullatt_block_indexes", list(v.fullatt_block_indexes),
               f"block indices in [0, {v.depth - 1}]")
     if v.out_hidden_size != t.hidden_size:
-        _fail("model.vision.out_hidden_size", v.out_hidden_size, f"text hidden_size={t.hidden_size}")
+        fail("model.vision.out_hidden_size", v.out_hidden_size, f"text hidden_size={t.hidden_size}")
     if t.num_heads % t.num_kv_heads:
-        _fail("model.text.num_kv_heads", t.num_kv_heads, f"a divisor of num_heads={t.num_heads}")
+        fail("model.text.num_kv_heads", t.num_kv_heads, f"a divisor of num_heads={t.num_heads}")
     if t.head_dim % 2:
-        _fail("model.text.head_dim", t.head_dim, "an even number (RoPE rotates pairs)")
+        fail("model.text.head_dim", t.head_dim, "an even number (RoPE rotates pairs)")
     if sum(t.mrope_section) != t.head_dim // 2 or len(t.mrope_section) != 3:
-        _fail("model.text.mrope_section", list(t.mrope_section),
+        fail("model.text.mrope_section", list(t.mrope_section),
               f"three ints (t, h, w) summing to head_dim // 2 = {t.head_dim // 2}")
     if not t.initializer_range > 0:
-        _fail("model.text.initializer_range", t.initializer_range, "a positive float")
+        fail("model.text.initializer_range", t.initializer_range, "a positive float")
 
 
 def validate_buckets(m) -> None:
@@ -130,14 +126,14 @@ def validate_buckets(m) -> None:
         ok = (isinstance(b, (list, tuple)) and len(b) == 2
               and all(isinstance(x, (int, np.integer)) and x > 0 and x % unit == 0 for x in b))
         if not ok:
-            _fail("model.vision.buckets", _plain(v.buckets), f"[height, width] px pairs, positive "
+            fail("model.vision.buckets", _plain(v.buckets), f"[height, width] px pairs, positive "
                   f"multiples of patch_size·spatial_merge_size = {unit}; {_plain(b)} is not")
         tokens = (b[0] // unit) * (b[1] // unit)
         if tokens > n:
-            _fail("model.vision.buckets", _plain(v.buckets), f"grids of at most image_size "
+            fail("model.vision.buckets", _plain(v.buckets), f"grids of at most image_size "
                   f"{list(v.image_size)}'s {n} merged tokens; {list(b)} has {tokens}")
         if tuple(b) in seen:
-            _fail("model.vision.buckets", _plain(v.buckets), f"distinct grids; {list(b)} repeats")
+            fail("model.vision.buckets", _plain(v.buckets), f"distinct grids; {list(b)} repeats")
         seen.add(tuple(b))
 
 
@@ -378,18 +374,23 @@ def hf_to_inputs(m, input_ids, pixel_values=None, attention_mask=None, *, image_
     if has.any():
         for i in np.flatnonzero(has):
             vis_rope[i] = pos3[:, i, is_img[i]]
-        d = vision_dims(m)
-        px = np.asarray(pixel_values, np.float32)
-        n_img = int(has.sum())
-        if px.shape != (n_img * d.num_patches, d.patch_dim):
-            raise ValueError(f"pixel_values has shape {px.shape}; expected ({n_img} images × "
-                             f"{d.num_patches} patches, {d.patch_dim}) for grid {d.grid_h}×{d.grid_w}")
-        full = np.zeros((len(ids), d.num_patches, d.patch_dim), np.float32)
-        full[has] = px.reshape(n_img, d.num_patches, d.patch_dim)
-        pixels = jnp.asarray(full)
+        pixels = jnp.asarray(_batch_patches(vision_dims(m), pixel_values, has))
     inputs = base._replace(pixels=pixels, text_rope=jnp.asarray(text_rope, jnp.int32),
                            vision_rope=jnp.asarray(vis_rope, jnp.int32))
     return inputs, slots, m
+
+
+def _batch_patches(d, pixel_values, has) -> np.ndarray:
+    """The processor's patches [Σ patches, C·T·P·P] of the samples with an image -> [B, S, ·]
+    (zeros for a sample without one), checked against the grid of `d`."""
+    px = np.asarray(pixel_values, np.float32)
+    n_img = int(has.sum())
+    if px.shape != (n_img * d.num_patches, d.patch_dim):
+        raise ValueError(f"pixel_values has shape {px.shape}; expected ({n_img} images × "
+                         f"{d.num_patches} patches, {d.patch_dim}) for grid {d.grid_h}×{d.grid_w}")
+    full = np.zeros((len(has), d.num_patches, d.patch_dim), np.float32)
+    full[has] = px.reshape(n_img, d.num_patches, d.patch_dim)
+    return full
 
 
 def _hf_to_inputs_bucketed(m, ids, mask, is_img, pixel_values, patch_grid):
@@ -404,13 +405,7 @@ def _hf_to_inputs_bucketed(m, ids, mask, is_img, pixel_values, patch_grid):
     vis_rope = np.zeros((len(ids), 3, n), np.int64)  # dead slots: 0 (never attended)
     for i in np.flatnonzero(has):
         vis_rope[i, :, :n_b] = pos3[:, i, is_img[i]]
-    px = np.asarray(pixel_values, np.float32)
-    n_img = int(has.sum())
-    if px.shape != (n_img * d.num_patches, d.patch_dim):
-        raise ValueError(f"pixel_values has shape {px.shape}; expected ({n_img} images × "
-                         f"{d.num_patches} patches, {d.patch_dim}) for grid {d.grid_h}×{d.grid_w}")
-    full = np.zeros((len(ids), d.num_patches, d.patch_dim), np.float32)
-    full[has] = px.reshape(n_img, d.num_patches, d.patch_dim)
+    full = _batch_patches(d, pixel_values, has)
     inputs = base._replace(pixels=jnp.asarray(bucket_pixels(m, full, patch_grid)),
                            text_rope=jnp.asarray(text_rope, jnp.int32),
                            vision_rope=jnp.asarray(vis_rope, jnp.int32),
