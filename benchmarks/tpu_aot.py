@@ -27,6 +27,7 @@ if ROOT not in sys.path:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from hidrop_jax import aot  # noqa: E402
+from hidrop_jax.layers.attention import resolve  # noqa: E402
 
 SCHEDULES = ("vanilla", "pdrop", "tok80", "tok64", "tok48")
 MODELS = {"7b": "configs/llava15_7b.py", "13b": "configs/llava15_13b.py"}
@@ -43,9 +44,10 @@ DEFAULT_ROWS = ([f"7b:s2:{t}" for t in ("v5p:4x4x4", "v5e:8x8")]
 OUT = os.path.join(ROOT, "benchmarks", "results", "tpu_aot.jsonl")
 
 
-def config(model: str, stage: str, schedule: str, remat: str = "full", mesh=(1, -1, 1)):
+def config(model: str, stage: str, schedule: str, remat: str = "full", mesh=(1, -1, 1), attention=None):
     from benchmarks.flops import load_config
     cfg = load_config(os.path.join(ROOT, MODELS[model]), f"schedule={schedule},dtype=bfloat16,remat={remat}")
+    cfg.model.attention_impl = attention
     st = STAGES[stage]
     cfg.train.update(trainable=st["trainable"], batch_size=st["batch_size"], mesh=tuple(mesh))
     cfg.data.max_len = st["max_len"]
@@ -53,8 +55,9 @@ def config(model: str, stage: str, schedule: str, remat: str = "full", mesh=(1, 
 
 
 def key(r: dict) -> tuple:
+    # rows from before the TPU default became the Pallas kernel were compiled with XLA attention
     return (r["model"], r["stage"], r["topology"], r["schedule"], r["remat"], tuple(r["mesh_arg"]),
-            bool(r.get("max_batch")))
+            bool(r.get("max_batch")), r.get("attention_impl", "xla"))
 
 
 def done_rows(path: str) -> list:
@@ -63,15 +66,17 @@ def done_rows(path: str) -> list:
     return [json.loads(line) for line in open(path) if line.strip()]
 
 
-def measure(rows, schedules, out: str, remat: str, mesh, find_max: bool, flops: bool, retry_oom: bool = True):
+def measure(rows, schedules, out: str, remat: str, mesh, find_max: bool, flops: bool, retry_oom: bool = True,
+            attention=None):
     seen = {key(r) for r in done_rows(out)}
+    impl = resolve(attention, "tpu")
     for row in rows:
         model, stage, topology = row.split(":", 2)
         for name in schedules:
-            k = (model, stage, topology, name, remat, tuple(mesh), find_max)
+            k = (model, stage, topology, name, remat, tuple(mesh), find_max, impl)
             if k in seen:
                 continue
-            cfg = config(model, stage, name, remat, mesh)
+            cfg = config(model, stage, name, remat, mesh, attention)
             t0 = time.time()
             r = aot.run(cfg, topology, "train", find_max=find_max, flops=flops,
                         log=lambda s: print(s, flush=True), retry_oom=retry_oom)
@@ -85,18 +90,18 @@ def measure(rows, schedules, out: str, remat: str, mesh, find_max: bool, flops: 
 def table(path: str) -> str:
     rows = done_rows(path)
     g = lambda b: f"{b / 2 ** 30:.1f}"  # noqa: E731
-    lines = ["| model | stage | slice | mesh | remat | schedule | batch/chip | GiB/chip (arg+out+temp−alias) "
+    lines = ["| model | stage | slice | mesh | remat | attention | schedule | batch/chip | GiB/chip (arg+out+temp−alias) "
              "| HBM GiB | fits | largest batch/chip | est. step (s) | step vs vanilla | analytic FLOPs vs vanilla "
              "| est. MFU | compile (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {}
     for r in rows:
         if r["schedule"] == "vanilla" and r.get("est_step_s"):
             base[(r["model"], r["stage"], r["topology"], r["remat"], tuple(r["mesh_arg"]),
-                  r["batch_per_device"])] = r
+                  r["batch_per_device"], r.get("attention_impl", "xla"))] = r
     for r in rows:
         b = base.get((r["model"], r["stage"], r["topology"], r["remat"], tuple(r["mesh_arg"]),
-                      r["batch_per_device"]))
+                      r["batch_per_device"], r.get("attention_impl", "xla")))
         step = r.get("est_step_s")
         ratio = f"{step / b['est_step_s']:.3f}" if b and step else "—"
         fr = (f"{r['model_flops_per_device'] / b['model_flops_per_device']:.3f}"
@@ -109,7 +114,8 @@ def table(path: str) -> str:
             req = (r.get("oom") or {}).get("required_bytes")
             total = f"> HBM (compiler: {g(req)} temporaries)" if req else "> HBM"
         lines.append(
-            f"| {r['model']} | {r['stage']} | {r['topology']} | {mesh} | {r['remat']} | {r['schedule']} "
+            f"| {r['model']} | {r['stage']} | {r['topology']} | {mesh} | {r['remat']} "
+            f"| {r.get('attention_impl', 'xla')} | {r['schedule']} "
             f"| {r['batch_per_device']} | {total} | {g(r['hbm_bytes_per_device'])} "
             f"| {'yes' if r['fits'] else 'no'} | {r.get('max_batch_per_device', '—')} "
             f"| {'—' if step is None else f'{step:.3f}'} | {ratio} | {fr} "
@@ -123,6 +129,8 @@ def main(argv=None):
     ap.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="MODEL:STAGE:TOPOLOGY, comma-separated")
     ap.add_argument("--schedules", default=",".join(SCHEDULES))
     ap.add_argument("--remat", default="full")
+    ap.add_argument("--attention", default=None, choices=("xla", "pallas"),
+                    help="model.attention_impl (default: the TPU default, the Pallas flash kernel)")
     ap.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor")
     ap.add_argument("--max-batch", action="store_true", help="also search the largest batch per chip")
     ap.add_argument("--no-flops", action="store_true", help="memory only (one compile per row)")
@@ -134,7 +142,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if not a.table:
         measure(a.rows.split(","), a.schedules.split(","), a.out, a.remat,
-                tuple(int(x) for x in a.mesh.split(",")), a.max_batch, not a.no_flops, not a.no_retry)
+                tuple(int(x) for x in a.mesh.split(",")), a.max_batch, not a.no_flops, not a.no_retry,
+                a.attention)
     print(table(a.out))
 
 

@@ -18,6 +18,8 @@ Reported per device (JSON, field names stable):
   fits              the compiler's own verdict: it compiled within the chip's HBM. A program
                     that does not fit is compiled again with `xla_tpu_no_crash_on_oom` to get
                     its figures.
+  attention_impl    the attention that was compiled (`model.attention_impl`; None resolves to
+                    the TPU default, the Pallas flash kernel).
   flops_per_device, bytes_accessed_per_device
                     the compiler's cost analysis of the same program with every layer scan
                     unrolled (`model.scan_unroll`): XLA counts a loop body once (DESIGN §4).
@@ -58,6 +60,7 @@ from hidrop_jax import train as train_lib  # noqa: E402
 from hidrop_jax.config import n_vision_tokens, schedule_of  # noqa: E402
 from hidrop_jax.families import family  # noqa: E402
 from hidrop_jax.batch import Inputs, Targets  # noqa: E402
+from hidrop_jax.layers.attention import resolve as resolve_attention  # noqa: E402
 from hidrop_jax.model import abstract_params  # noqa: E402
 
 PROGRAMS = ("train", "prefill", "generate")
@@ -130,8 +133,17 @@ def sharded_params(cfg, mesh):
     return jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), params, shardings)
 
 
+def on_platform(cfg, platform: str):
+    """`cfg` with `model.attention_impl` resolved for the target `platform`: None means the
+    default of the chips compiled for (the Pallas kernel on TPU), not of this CPU host."""
+    c = copy.deepcopy(cfg)
+    c.model.attention_impl = resolve_attention(cfg.model.get("attention_impl"), platform)
+    return c
+
+
 def program(cfg, mesh, name: str, max_new_tokens: int):
     """(jitted function, abstract args): the production program `name` on `mesh`."""
+    cfg = on_platform(cfg, mesh.devices.flat[0].platform)
     if name == "train":
         tx, _ = train_lib.make_optimizer(cfg.train, abstract_params(cfg))
         state = train_lib.abstract_state(cfg, mesh, tx)
@@ -227,11 +239,12 @@ def report(cfg, topology: str, program_name: str, *, max_new_tokens: int = 32,
     cores = devices_per_chip(devices)
     c = CHIPS[chip]
     spec = Chip(c.peak_bf16 / cores, c.hbm_bytes // cores, c.hbm_bw / cores)
+    attn = on_platform(cfg, devices[0].platform).model.attention_impl
     compiled, fits, compile_s = compile_program(*program(cfg, mesh, program_name, max_new_tokens),
                                                 retry_oom=retry_oom)
     if compiled is None:  # over HBM and not compiled again: the compiler's message is the figure
         return dict(topology=topology, chip=chip, devices=len(devices), chips=len(devices) // cores,
-                    mesh=dict(mesh.shape), program=program_name, schedule=cfg.hidrop.name,
+                    mesh=dict(mesh.shape), program=program_name, schedule=cfg.hidrop.name, attention_impl=attn,
                     batch_per_device=cfg.train.batch_size // dp, max_len=cfg.data.max_len,
                     remat=cfg.model.remat, dtype=cfg.model.dtype, trainable=cfg.train.trainable,
                     bytes_per_device=None, hbm_bytes_per_device=spec.hbm_bytes, fits=False,
@@ -241,6 +254,7 @@ def report(cfg, topology: str, program_name: str, *, max_new_tokens: int = 32,
     mem = memory(compiled)
     out = dict(topology=topology, chip=chip, device_kind=devices[0].device_kind, devices=len(devices),
                chips=len(devices) // cores, mesh=dict(mesh.shape), program=program_name, schedule=cfg.hidrop.name,
+               attention_impl=attn,
                batch_per_device=cfg.train.batch_size // dp, max_len=cfg.data.max_len,
                remat=cfg.model.remat, dtype=cfg.model.dtype, trainable=cfg.train.trainable,
                bytes_per_device=mem, hbm_bytes_per_device=spec.hbm_bytes, fits=fits,

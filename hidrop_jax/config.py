@@ -54,10 +54,10 @@ def model_config(
         dtype=dtype,
         remat=remat,
         scan_unroll=scan_unroll,
-        # jax.nn.dot_product_attention's implementation: None = jax's default (XLA in jax
-        # 0.10), "xla", or "cudnn" (fails loudly where unsupported); "pallas" = the TPU
-        # flash kernel (hidrop_jax.layers.attention). Typed so that
-        # --config.model.attention_impl=cudnn can override the None default.
+        # None = the platform's default (the Pallas flash kernel on TPU, XLA elsewhere),
+        # "xla", "cudnn" (fails loudly where unsupported) or "pallas": see
+        # hidrop_jax.layers.attention. Typed so that --config.model.attention_impl=xla can
+        # override the None default.
         attention_impl=ml_collections.FieldReference(attention_impl, field_type=str),
     ))
     validate_model(m)

@@ -25,6 +25,7 @@ from hidrop_jax.families import family
 from hidrop_jax.families.llava import vision_dims  # noqa: F401  (LLaVA's CLIP dims; importable here as before)
 from hidrop_jax.hf.inputs import hf_to_inputs  # noqa: F401  (LLaVA's HF adapter; importable here as before)
 from hidrop_jax.hidrop.select import score_vision, select
+from hidrop_jax.layers.attention import resolve as resolve_attention
 from hidrop_jax.layers.common import dense, slice_layers, stacked
 from hidrop_jax.layers.llama import DecoderLayer, Embedder, RMSNorm, TextDims
 from hidrop_jax.layers.rope import mrope_tables, rope_tables
@@ -37,7 +38,7 @@ def _dtype(m):
 def text_dims(m) -> TextDims:
     t = m.text
     return TextDims(t.vocab_size, t.hidden_size, t.intermediate_size, t.num_heads, t.num_kv_heads,
-                    t.head_dim, t.rms_norm_eps, t.rope_theta, _dtype(m), m.get("attention_impl"),
+                    t.head_dim, t.rms_norm_eps, t.rope_theta, _dtype(m), resolve_attention(m.get("attention_impl")),
                     initializer_range(t), t.get("qkv_bias", False))
 
 

@@ -4,14 +4,17 @@ Causality is defined by positions, not by memory order: a query attends to every
 persistent position is not after its own. HiDrop reorders and drops tokens, so memory order
 never has to follow position order. `implementation` (`model.attention_impl`):
 
-* None / "xla" / "cudnn": `jax.nn.dot_product_attention` with the [B, 1, T, S] position mask
-  (None is jax's default: XLA everywhere in jax 0.10, whose source leaves automatic cuDNN
-  selection as a TODO; "cudnn" insists).
+* None: the platform's default (`resolve`): "pallas" on TPU, where the compiled 7B train step
+  holds a fraction of XLA's temporaries (BENCHMARKS.md); XLA on GPU and CPU (cuDNN's masked
+  path has not yet run on a device here, so it stays an explicit choice).
+* "xla" / "cudnn": `jax.nn.dot_product_attention` with the [B, 1, T, S] position mask ("cudnn"
+  fails loudly where unsupported).
 * "pallas": the Pallas TPU flash-attention kernel (`jax.experimental.pallas.ops.tpu`), which
   never builds the [T, S] logits. It knows only causality by index plus segment ids, so
   `flash_self_attention` sorts each row's tokens by position, runs the kernel causally with
-  segment ids 1 (valid) / 0 (invalid or padding), and puts the rows back. Self-attention only
-  (queries = keys); the decode step's one query against its cache stays on the XLA path.
+  segment ids 1 (valid) / 0 (invalid or padding), and puts the rows back. It serves
+  self-attention without a bias; the calls it cannot serve (a decode step's queries against
+  their cache, relaxed selection's bias) take the XLA path, with the same result.
 """
 
 import math
@@ -24,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 from hidrop_jax.layers.common import BATCH_AXES, HEAD_AXES, mesh_axes
 
 IMPLEMENTATIONS = (None, "xla", "cudnn", "pallas")
+PLATFORM_DEFAULT = {"tpu": "pallas"}  # every other platform: "xla"
 BLOCK = 128  # the kernel's tile along the sequence; sequences are padded to a multiple of it
 
 
@@ -32,13 +36,20 @@ def position_mask(q_pos, k_pos, k_valid):
     return ((k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :])[:, None]
 
 
+def resolve(implementation: Optional[str], platform: Optional[str] = None) -> str:
+    """The implementation that runs: `implementation`, or for None the default of `platform`
+    (the devices the program is compiled for; default: JAX's default backend)."""
+    if implementation is not None:
+        return implementation
+    return PLATFORM_DEFAULT.get(platform or jax.default_backend(), "xla")
+
+
 def attention(q, k, v, q_pos, k_pos, k_valid, *, bias=None, implementation: Optional[str] = None):
     """q [B, T, N, H]; k, v [B, S, K, H] with K dividing N (grouped-query); scale 1/sqrt(H)."""
     if implementation == "pallas":
-        if bias is not None or q_pos is not k_pos or q.shape[1] != k.shape[1]:
-            raise ValueError("attention implementation 'pallas' serves self-attention without a "
-                             "bias (queries = keys); allowed otherwise: None, 'xla', 'cudnn'")
-        return flash_self_attention(q, k, v, q_pos, k_valid)
+        if bias is None and q_pos is k_pos and q.shape[1] == k.shape[1]:
+            return flash_self_attention(q, k, v, q_pos, k_valid)
+        implementation = "xla"  # not self-attention without a bias: the kernel cannot serve it
     mask = position_mask(q_pos, k_pos, k_valid)
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation=implementation)
 
