@@ -70,6 +70,32 @@ def test_sweeps_move_one_layer_and_keep_the_rest():
 
 # ----------------------------------------------------------------------------- the runner
 
+def test_queue_covers_every_unit_headline_seeds_first(tmp_path):
+    """experiments/queue.sh (what a later session restarts) asks for every (table, row, seed) of
+    the default 8-layer config, each row by a name its table has, vanilla's and Tok64's seeds 1
+    and 2 before any other row. Run with a stand-in interpreter that records its arguments."""
+    log = tmp_path / "calls"
+    fake = tmp_path / "py"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    fake.chmod(0o755)
+    r = subprocess.run(["bash", str(ROOT / "experiments" / "queue.sh")], capture_output=True, text=True,
+                       env=dict(os.environ, PY=str(fake), ROOT_DIR=str(tmp_path)), timeout=60)
+    assert r.returncode == 0 and "failed" not in r.stdout, r.stdout + r.stderr
+    asked = []
+    for line in log.read_text().splitlines():
+        a = line.split()
+        assert a[0] == "experiments/run.py" and a[a.index("--root") + 1] == str(tmp_path)
+        table, rows, seed = a[a.index("--table") + 1], a[a.index("--rows") + 1], int(a[a.index("--seeds") + 1])
+        names = [x.name for x in tables.rows(table, 8, 144)]
+        for row in rows.split(",") if rows != "--seeds" else names:  # "" = the whole table
+            assert row in names, (table, row)
+            asked.append((table, row, seed))
+    want = {(t, x.name, s) for t in tables.TABLES for x in tables.rows(t, 8, 144) for s in (0, 1, 2)}
+    assert set(asked) == want
+    first_other = min(i for i, (t, row, _) in enumerate(asked) if row not in ("vanilla", "fastv_free", "tok64"))
+    assert {("methods", x, s) for x in ("vanilla", "tok64") for s in (1, 2)} <= set(asked[:first_other])
+
+
 def _run(root, *args, steps=2, timeout=900, **kw):
     cmd = [sys.executable, str(ROOT / "experiments" / "run.py"), "--config", "tests/tiny_config.py",
            "--root", str(root), "--steps", str(steps), "--timing-repeats", "1", *args]
