@@ -6,7 +6,7 @@
 #     nohup nice -n 10 experiments/queue.sh > experiments/queue.log 2>&1 &
 # Stop: kill -TERM -- -<its process group> (the trainer saves its step first).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 PY=${PY:-.venv/bin/python}
 export JAX_PLATFORMS=cpu
 ROOT_DIR=${ROOT_DIR:-experiments}  # where runs/ and results/ live (a worktree may point at main's)

@@ -107,7 +107,7 @@ def test_slurm_dry_run():
 
 
 def test_shellcheck():
-    paths = [str(LAUNCH / s) for s in SCRIPTS]
+    paths = [str(LAUNCH / s) for s in SCRIPTS] + [str(REPO / "experiments" / "queue.sh")]
     if shutil.which("shellcheck") is None:
         # Fallback only: CI installs shellcheck (Debian package `shellcheck`).
         for p in paths:
