@@ -239,7 +239,7 @@ def report(cfg, topology: str, program_name: str, *, max_new_tokens: int = 32,
     cores = devices_per_chip(devices)
     c = CHIPS[chip]
     spec = Chip(c.peak_bf16 / cores, c.hbm_bytes // cores, c.hbm_bw / cores)
-    attn = on_platform(cfg, devices[0].platform).model.attention_impl
+    attn = resolve_attention(cfg.model.get("attention_impl"), devices[0].platform)
     compiled, fits, compile_s = compile_program(*program(cfg, mesh, program_name, max_new_tokens),
                                                 retry_oom=retry_oom)
     if compiled is None:  # over HBM and not compiled again: the compiler's message is the figure

@@ -13,8 +13,8 @@ never has to follow position order. `implementation` (`model.attention_impl`):
   never builds the [T, S] logits. It knows only causality by index plus segment ids, so
   `flash_self_attention` sorts each row's tokens by position, runs the kernel causally with
   segment ids 1 (valid) / 0 (invalid or padding), and puts the rows back. It serves
-  self-attention without a bias; the calls it cannot serve (a decode step's queries against
-  their cache, relaxed selection's bias) take the XLA path, with the same result.
+  self-attention without a bias (training, prefill); the calls it cannot serve (a decode step's
+  queries against their cache, an additive bias) take the XLA path, with the same result.
 """
 
 import math
