@@ -44,6 +44,7 @@ from hidrop_jax.data import pipeline as data_lib
 from hidrop_jax.data.setup import open_data
 from hidrop_jax.evaluate import evaluate_params
 from hidrop_jax.hf.load import load_hf_vision
+from hidrop_jax.layers.attention import resolve as resolve_attention
 from hidrop_jax.metrics import flat, token_nll
 from hidrop_jax.model import abstract_params, forward
 
@@ -341,8 +342,9 @@ def train(cfg, workdir) -> dict:
     writer = _Writer(workdir, enabled=lead)
     n_dev, peak = jax.device_count(), perf.peak_tflops(jax.devices(), t.peak_tflops)
     if lead:
-        log.info("%s: %s TFLOP/s peak per device; %.3g model FLOPs and %d tokens per step",
-                 jax.devices()[0].device_kind, peak, perf.model_flops(cfg, "train"), perf.tokens_per_step(cfg))
+        log.info("%s: %s TFLOP/s peak per device; %.3g model FLOPs and %d tokens per step; attention %s",
+                 jax.devices()[0].device_kind, peak, perf.model_flops(cfg, "train"), perf.tokens_per_step(cfg),
+                 resolve_attention(cfg.model.get("attention_impl")))
     profile = StepProfile(t.profile_steps, workdir)
     # a logging window: its first step, its start, and the seconds in it that are not training
     # steps (compile, evaluation, checkpoints), left out of the per-step figures
