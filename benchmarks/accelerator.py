@@ -18,8 +18,9 @@ platform lacks:
    largest |logit|, and argmax agreement over the text rows;
 2. fused attention: `model.attention_impl` = cudnn (GPU, bf16) or pallas (TPU) against xla:
    prefill logits and time. On a CPU the Pallas kernel runs in interpret mode for parity only;
-3. per schedule, in `--dtype` (bf16 on a device): a train step (forward + backward + AdamW,
-   projector + LLM trainable), its
+3. per schedule, in `--dtype` (bf16 on a device), with the platform's default attention
+   (`attention_impl` None: the Pallas kernel on a TPU, XLA on a GPU): a train step (forward +
+   backward + AdamW, projector + LLM trainable), its
    model TFLOP/s and MFU (`hidrop_jax.perf`), a prefill and greedy decode tokens/s
    (benchmarks/speed.py's inputs and timing, medians of `--repeats`);
 4. PyTorch `LlavaForConditionalGeneration` (sdpa) on the same device and weights: vanilla
