@@ -51,7 +51,7 @@ def measure(cases, schedules, topology: str, out: str, attention: str = "xla") -
             cfg.train.batch_size = rows * chips
             cfg.model.attention_impl = None if attention == "xla" else attention
             t0 = time.time()
-            r = aot.run(cfg, topology, "train", flops=False, log=lambda s: print(s, flush=True),
+            r = aot.run(cfg, topology, "train", flops="none", log=lambda s: print(s, flush=True),
                         retry_oom=False)
             r.update(layers=layers, rows=rows, attention=attention, wall_s=round(time.time() - t0, 1))
             with open(out, "a") as f:

@@ -66,8 +66,8 @@ def done_rows(path: str) -> list:
     return [json.loads(line) for line in open(path) if line.strip()]
 
 
-def measure(rows, schedules, out: str, remat: str, mesh, find_max: bool, flops: bool, retry_oom: bool = True,
-            attention=None):
+def measure(rows, schedules, out: str, remat: str, mesh, find_max: bool, flops: str = "host",
+            retry_oom: bool = True, attention=None):
     seen = {key(r) for r in done_rows(out)}
     impl = resolve(attention, "tpu")
     for row in rows:
@@ -85,6 +85,26 @@ def measure(rows, schedules, out: str, remat: str, mesh, find_max: bool, flops: 
             with open(out, "a") as f:
                 f.write(json.dumps(r) + "\n")
             print(f"[{model} {stage}] {aot.summary(r)} (wall {r['wall_s']} s)", flush=True)
+
+
+def fill_flops(path: str):
+    """Count the FLOPs ("host": seconds each) of the rows compiled without them, and rewrite
+    `path` with their roofline fields: a row's memory figures stay as compiled."""
+    rows = done_rows(path)
+    for r in rows:
+        if r.get("flops_per_device") is not None or r["bytes_per_device"] is None:
+            continue
+        cfg = config(r["model"], r["stage"], r["schedule"], r["remat"], r["mesh_arg"], r.get("attention_impl"))
+        chip, devices = aot.topology_devices(r["topology"])
+        mesh = aot.topology_mesh(cfg, devices)
+        cfg = aot.with_batch(cfg, r["batch_per_device"], aot.data_parallel(mesh))
+        r.update(aot.flops_fields(cfg, mesh, "train", 32, "host", aot.device_spec(chip, devices)))
+        print(f"[{r['model']} {r['stage']} {r['topology']} {r['schedule']}] {r['flops_per_device'] / 1e12:.1f} "
+              f"TFLOP/device, est. step {r['est_step_s']:.3f} s", flush=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)  # never a half-written results file
 
 
 def table(path: str) -> str:
@@ -133,16 +153,22 @@ def main(argv=None):
                     help="model.attention_impl (default: the TPU default, the Pallas flash kernel)")
     ap.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor")
     ap.add_argument("--max-batch", action="store_true", help="also search the largest batch per chip")
-    ap.add_argument("--no-flops", action="store_true", help="memory only (one compile per row)")
+    ap.add_argument("--flops", default="host", choices=aot.FLOPS,
+                    help="how to count FLOPs for the roofline (hidrop_jax.aot): host (seconds), tpu "
+                         "(a second, unrolled compile: also bytes; up to an hour at 7B), none")
+    ap.add_argument("--fill-flops", action="store_true",
+                    help="count the host FLOPs of the rows of --out that lack them, then print the table")
     ap.add_argument("--no-retry", action="store_true",
                     help="a program over HBM: keep the compiler's message, do not compile it again "
                          "with xla_tpu_no_crash_on_oom (that second compile is slow at 7B)")
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--table", action="store_true", help="print the table of --out and stop")
     a = ap.parse_args(argv)
-    if not a.table:
+    if a.fill_flops:
+        fill_flops(a.out)
+    elif not a.table:
         measure(a.rows.split(","), a.schedules.split(","), a.out, a.remat,
-                tuple(int(x) for x in a.mesh.split(",")), a.max_batch, not a.no_flops, not a.no_retry,
+                tuple(int(x) for x in a.mesh.split(",")), a.max_batch, a.flops, not a.no_retry,
                 a.attention)
     print(table(a.out))
 

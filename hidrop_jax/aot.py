@@ -20,13 +20,19 @@ Reported per device (JSON, field names stable):
                     its figures.
   attention_impl    the attention that was compiled (`model.attention_impl`; None resolves to
                     the TPU default, the Pallas flash kernel).
-  flops_per_device, bytes_accessed_per_device
-                    the compiler's cost analysis of the same program with every layer scan
-                    unrolled (`model.scan_unroll`): XLA counts a loop body once (DESIGN §4).
-                    Remat recompute is included. The decode `while_loop` of `generate` is still
-                    counted once: generate = prefill + one decode step.
-  est_step_s        roofline: max(FLOPs / peak bf16 FLOP/s, bytes accessed / HBM bandwidth);
-                    ICI collectives and host input are not modelled, so it is a lower bound.
+  flops_per_device  the FLOPs of the program with every layer scan unrolled (`model.scan_unroll`;
+                    XLA counts a loop body once, DESIGN §4), remat recompute included, divided
+                    by the device count. `flops_source` says how they were counted:
+                    "host" (default, seconds): the unrolled program lowered for one CPU device
+                    with XLA attention, costed before optimization (within 1% of libtpu's
+                    count on the test model); "tpu" (`--flops=tpu`, up to an hour at 7B): the
+                    unrolled program compiled by libtpu for the slice, which also gives
+  bytes_accessed_per_device
+                    (None from "host": bytes before fusion mean nothing). The decode
+                    `while_loop` of `generate` is counted once: generate = prefill + one step.
+  est_step_s        roofline: max(FLOPs / peak bf16 FLOP/s, bytes accessed / HBM bandwidth),
+                    the FLOPs term alone from "host"; ICI collectives and host input are not
+                    modelled, so it is a lower bound.
   est_mfu           model FLOPs (analytic, `perf.model_flops`: no remat, 3× the forward of
                     every trained part when training) per device / (est_step_s × peak).
 The chip table (peak bf16, HBM, bandwidth) is `hidrop_jax.perf.CHIPS`, which the trainer's MFU
@@ -64,6 +70,7 @@ from hidrop_jax.layers.attention import resolve as resolve_attention  # noqa: E4
 from hidrop_jax.model import abstract_params  # noqa: E402
 
 PROGRAMS = ("train", "prefill", "generate")
+FLOPS = ("host", "tpu", "none")  # how `flops_per_device` is counted (module docstring)
 GiB = 2 ** 30
 
 
@@ -225,20 +232,69 @@ def unrolled(cfg):
     return c
 
 
+def host_flops(cfg, program_name: str, max_new_tokens: int) -> float:
+    """Global FLOPs of `program_name`, unrolled, lowered for one CPU device and costed before
+    optimization: seconds where libtpu needs up to an hour to compile the unrolled 7B step.
+    XLA attention stands in for a kernel: the same matmuls (libtpu counts the Pallas kernel by
+    its cost estimate, which includes the padding of short sequences to its blocks)."""
+    c = unrolled(cfg)
+    c.model.attention_impl = "xla"
+    mesh = shard_lib.make_mesh((1, 1, 1), jax.devices("cpu")[:1])
+    fn, args = program(c, mesh, program_name, max_new_tokens)
+    with jax.set_mesh(mesh):
+        ca = fn.lower(*args).cost_analysis()
+    return float(ca["flops"])
+
+
+def _check_flops(how: str):
+    if how not in FLOPS:
+        raise ValueError(f"--flops {how!r} is not supported; allowed: {FLOPS}")
+
+
+def device_spec(chip: str, devices) -> Chip:
+    """The chip table's figures per device: libtpu describes v4 as two devices per chip (one per
+    TensorCore, no megacore), each with half the chip's HBM, FLOP/s and bandwidth."""
+    cores = devices_per_chip(devices)
+    c = CHIPS[chip]
+    return Chip(c.peak_bf16 / cores, c.hbm_bytes // cores, c.hbm_bw / cores)
+
+
+def flops_fields(cfg, mesh, program_name: str, max_new_tokens: int, how: str, spec: Chip) -> dict:
+    """flops_per_device, bytes_accessed_per_device, est_step_s, est_mfu... (module docstring),
+    the FLOPs counted `how` (one of FLOPS)."""
+    _check_flops(how)
+    mf = model_flops(cfg, program_name, max_new_tokens) / mesh.devices.size
+    out = dict(flops_per_device=None, bytes_accessed_per_device=None, est_step_s=None, est_mfu=None,
+               model_flops_per_device=mf)
+    if how == "none":
+        return out
+    t0 = time.time()
+    if how == "host":
+        f, b = host_flops(cfg, program_name, max_new_tokens) / mesh.devices.size, None
+    else:
+        ca = cost(compile_program(*program(unrolled(cfg), mesh, program_name, max_new_tokens))[0])
+        f, b = float(ca["flops"]), float(ca["bytes accessed"])
+    t_flops = f / spec.peak_bf16
+    est = t_flops if b is None else max(t_flops, b / spec.hbm_bw)
+    out.update(flops_per_device=f, bytes_accessed_per_device=b, flops_source=how,
+               flops_compile_s=round(time.time() - t0, 2), est_step_s=est,
+               est_mfu=mf / (est * spec.peak_bf16) if est > 0 else None,
+               compute_bound=None if b is None else t_flops >= b / spec.hbm_bw)
+    return out
+
+
 def report(cfg, topology: str, program_name: str, *, max_new_tokens: int = 32,
-           flops: bool = True, chip_devices=None, retry_oom: bool = True) -> dict:
-    """Compile `program_name` for `topology`; -> the JSON report (see the module docstring)."""
+           flops: str = "host", chip_devices=None, retry_oom: bool = True) -> dict:
+    """Compile `program_name` for `topology`; -> the JSON report (see the module docstring).
+    `flops`: one of FLOPS."""
     chip, devices = chip_devices or topology_devices(topology)
     mesh = topology_mesh(cfg, devices)
     dp = data_parallel(mesh)
     if cfg.train.batch_size % dp:
         raise ValueError(f"config.train.batch_size = {cfg.train.batch_size} is not divisible by "
                          f"data × fsdp = {dp} of mesh {dict(mesh.shape)}; allowed: multiples of {dp}")
-    # libtpu describes v4 as two devices per chip (one per TensorCore, no megacore): each
-    # device then has half the chip's HBM, FLOP/s and bandwidth.
     cores = devices_per_chip(devices)
-    c = CHIPS[chip]
-    spec = Chip(c.peak_bf16 / cores, c.hbm_bytes // cores, c.hbm_bw / cores)
+    spec = device_spec(chip, devices)
     attn = resolve_attention(cfg.model.get("attention_impl"), devices[0].platform)
     compiled, fits, compile_s = compile_program(*program(cfg, mesh, program_name, max_new_tokens),
                                                 retry_oom=retry_oom)
@@ -261,21 +317,7 @@ def report(cfg, topology: str, program_name: str, *, max_new_tokens: int = 32,
                compile_s=round(compile_s, 2))
     if program_name == "generate":
         out["max_new_tokens"] = max_new_tokens
-    if flops:
-        ucfg = unrolled(cfg)
-        t0 = time.time()
-        uc, _, _ = compile_program(*program(ucfg, mesh, program_name, max_new_tokens))
-        ca = cost(uc)
-        f, b = float(ca["flops"]), float(ca["bytes accessed"])
-        est = max(f / spec.peak_bf16, b / spec.hbm_bw)
-        mf = model_flops(cfg, program_name, max_new_tokens) / len(devices)
-        out.update(flops_per_device=f, bytes_accessed_per_device=b, flops_compile_s=round(time.time() - t0, 2),
-                   est_step_s=est, est_mfu=mf / (est * spec.peak_bf16) if est > 0 else None,
-                   model_flops_per_device=mf,
-                   compute_bound=f / spec.peak_bf16 >= b / spec.hbm_bw)
-    else:
-        out.update(flops_per_device=None, bytes_accessed_per_device=None, est_step_s=None, est_mfu=None,
-                   model_flops_per_device=model_flops(cfg, program_name, max_new_tokens) / len(devices))
+    out.update(flops_fields(cfg, mesh, program_name, max_new_tokens, flops, spec))
     return out
 
 
@@ -314,10 +356,11 @@ def max_batch(cfg, topology: str, program_name: str, *, max_new_tokens: int = 32
 
 
 def run(cfg, topology: str, program_name: str, *, find_max: bool = False, max_new_tokens: int = 32,
-        flops: bool = True, log=print, retry_oom: bool = True) -> dict:
+        flops: str = "host", log=print, retry_oom: bool = True) -> dict:
     if program_name not in PROGRAMS:
         raise ValueError(f"--program {program_name!r} is not supported; allowed: {PROGRAMS}")
     schedule_of(cfg)  # a bad schedule fails before any compile
+    _check_flops(flops)  # before any max-batch probe
     chip_devices = topology_devices(topology)
     if find_max:
         best, probes = max_batch(cfg, topology, program_name, max_new_tokens=max_new_tokens, log=log)
@@ -369,7 +412,8 @@ if __name__ == "__main__":
     flags.DEFINE_enum("program", "train", PROGRAMS, "which production program to compile")
     flags.DEFINE_bool("max-batch", False, "search the largest per-device batch that fits")
     flags.DEFINE_integer("max-new-tokens", 32, "decode steps the generation caches hold")
-    flags.DEFINE_bool("flops", True, "also compile the unrolled program for FLOPs / roofline")
+    flags.DEFINE_enum("flops", "host", FLOPS, "count the unrolled program's FLOPs for the roofline: "
+                      "lowered on this host (seconds), compiled by libtpu (also bytes; slow), or not")
     flags.DEFINE_string("out", "", "write the JSON report here")
     flags.mark_flags_as_required(["config", "topology"])
     app.run(main)

@@ -27,7 +27,7 @@ SMALL = ["--config.model.text.num_layers=4", "--config.train.batch_size=4",
 def test_train_program_compiles_for_v5p(tmp_path):
     out = tmp_path / "r.json"
     p = subprocess.run([sys.executable, "-m", "hidrop_jax.aot", "--config", f"{CONFIG}:schedule=tok64",
-                        "--topology", "v5p:2x2x1", "--program", "train", "--noflops", *SMALL,
+                        "--topology", "v5p:2x2x1", "--program", "train", "--flops=none", *SMALL,
                         "--out", str(out)], env=ENV, cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
