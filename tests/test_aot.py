@@ -143,6 +143,26 @@ def test_flops_follow_the_schedules_analytic_order():
     assert saved_xla > 0.5 * saved_formula, (saved_xla, saved_formula)  # tower/head dilute it
 
 
+def test_fill_flops_gives_7b_rows_a_roofline_and_keeps_their_memory(tmp_path):
+    """`benchmarks/tpu_aot.py --fill-flops` (BENCHMARKS.md): a 7B row compiled without FLOPs gets
+    the host count, between the analytic model FLOPs and 1.4× them (full remat recomputes the
+    forward: at most 4 forwards for 3); its compiled figures and the other rows stay as they were."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import tpu_aot
+    memory = dict(argument=1, output=2, temp=3, alias=1, total=5, code=0)
+    row = dict(model="7b", stage="s2", topology="v5p:2x2x1", schedule="vanilla", remat="full",
+               mesh_arg=[1, -1, 1], attention_impl="pallas", batch_per_device=1, bytes_per_device=memory,
+               flops_per_device=None, est_step_s=None)
+    done = dict(row, schedule="tok64", flops_per_device=1.0, est_step_s=2.0)
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (row, done)))
+    tpu_aot.fill_flops(str(path))
+    filled, kept = [json.loads(line) for line in path.read_text().splitlines()]
+    assert kept == done and filled["bytes_per_device"] == memory and filled["flops_source"] == "host"
+    assert filled["model_flops_per_device"] < filled["flops_per_device"] < 1.4 * filled["model_flops_per_device"]
+    assert filled["est_step_s"] == pytest.approx(filled["flops_per_device"] / 459e12)  # v5p peak bf16
+
+
 @pytest.mark.expensive  # minutes of compiles: `pytest -m expensive`, not in CI
 def test_max_batch_fits_and_the_next_does_not():
     """On v5e (16 GiB) with 4,096 text rows the attention logits bound the batch to a few rows."""
