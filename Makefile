@@ -20,9 +20,12 @@ $(TPU): $(STAMP) requirements-tpu.txt
 demo: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m hidrop_jax.demo
 
-# pytest exits 5 when it collects no test: not a failure of the suite.
+# pytest exits 5 when it collects no test: not a failure of the suite. Two workers (pytest-xdist),
+# each test file on one of them (module fixtures are built once): CI has 2 cores; more workers
+# on a bigger machine: `make test WORKERS=8` (each holds JAX and torch, ~2-5 GB).
+WORKERS ?= 2
 test: $(TPU)
-	$(PY) -m pytest -q -p no:cacheprovider; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+	$(PY) -m pytest -q -p no:cacheprovider -n $(WORKERS) --dist loadfile; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 bench: $(STAMP)
 	$(PY) benchmarks/flops.py

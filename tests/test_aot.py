@@ -9,6 +9,7 @@ whose successor also fits; the 7B stage-2 program "fits" 4 v5e chips (16 GiB eac
 bad topologies and meshes fail without a one-line reason.
 """
 
+import functools
 import importlib.util
 import json
 import os
@@ -38,6 +39,19 @@ def _config(arg="schedule=tok64"):
 def _aot():
     from hidrop_jax import aot
     return aot
+
+
+@functools.lru_cache(maxsize=None)
+def _train_memory(trainable: str, batch: int) -> dict:
+    """The compiled Tok64 train step's memory per chip on v5p:2x2x1 (compiled once per module:
+    two tests share the (all, 4) program)."""
+    aot = _aot()
+    cfg = _config()
+    cfg.train.update(trainable=trainable, batch_size=batch)
+    mesh = aot.topology_mesh(cfg, aot.topology_devices("v5p:2x2x1")[1])
+    compiled, fits, _ = aot.compile_program(*aot.program(cfg, mesh, "train", 32))
+    assert fits
+    return aot.memory(compiled)
 
 
 def test_cli_writes_every_field(tmp_path):
@@ -81,15 +95,9 @@ def test_argument_bytes_are_the_sharded_optimizer_state():
     from hidrop_jax import sharding as shard_lib
     from hidrop_jax.model import abstract_params
     aot = _aot()
-    chip, devices = aot.topology_devices("v5p:2x2x1")
-    args = {}
-    for trainable in ("all", "projector"):
-        cfg = _config()
-        cfg.train.trainable = trainable
-        mesh = aot.topology_mesh(cfg, devices)
-        compiled, fits, _ = aot.compile_program(*aot.program(cfg, mesh, "train", 32))
-        assert fits
-        args[trainable] = aot.memory(compiled)["argument"]
+    args = {trainable: _train_memory(trainable, 4)["argument"] for trainable in ("all", "projector")}
+    cfg = _config()
+    mesh = aot.topology_mesh(cfg, aot.topology_devices("v5p:2x2x1")[1])
     shardings = shard_lib.param_shardings(cfg, mesh)
     params = abstract_params(cfg)
     shard_bytes = 0
@@ -104,14 +112,7 @@ def test_argument_bytes_are_the_sharded_optimizer_state():
 
 @pytest.mark.slow
 def test_bigger_batch_needs_more_temporaries():
-    aot = _aot()
-    chip, devices = aot.topology_devices("v5p:2x2x1")
-    temp = []
-    for batch in (4, 16):
-        cfg = _config()
-        cfg.train.batch_size = batch
-        compiled, _, _ = aot.compile_program(*aot.program(cfg, aot.topology_mesh(cfg, devices), "train", 32))
-        temp.append(aot.memory(compiled)["temp"])
+    temp = [_train_memory("all", batch)["temp"] for batch in (4, 16)]
     assert temp[1] > 2 * temp[0], temp
 
 

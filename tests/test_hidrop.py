@@ -84,7 +84,7 @@ def test_relaxed_gradient_reaches_the_scoring_path(tiny):
 
     def grads(sel):
         c = _with(cfg, **SCHED, selection=sel)
-        return jax.grad(lambda p: (forward(c, p, inputs) * w).sum())(params)
+        return jax.jit(jax.grad(lambda p: (forward(c, p, inputs) * w).sum()))(params)
 
     g_hard, g_rel = grads("hard"), grads("relaxed")
     # the batch holds a text-only sample (no vision slot alive): its soft rank must not be NaN
