@@ -41,7 +41,7 @@ def test_train_program_compiles_for_v5p(tmp_path):
 
 
 def test_prefill_program_compiles_with_xla_flops_near_the_analytic_count():
-    """The compiler's FLOPs of the unrolled prefill and the analytic count (tower, merger, LLM
+    """XLA's FLOPs of the unrolled prefill (counted on this host, `aot`'s default) and the analytic count (tower, merger, LLM
     under the schedule, head) agree within 25 % (XLA adds softmax, norms, rotations; the
     analytic count adds full rather than causal attention)."""
     sys.path.insert(0, ROOT)
