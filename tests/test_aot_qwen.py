@@ -41,9 +41,9 @@ def test_train_program_compiles_for_v5p(tmp_path):
 
 
 def test_prefill_program_compiles_with_xla_flops_near_the_analytic_count():
-    """XLA's FLOPs of the unrolled prefill (counted on this host, `aot`'s default) and the analytic count (tower, merger, LLM
-    under the schedule, head) agree within 25 % (XLA adds softmax, norms, rotations; the
-    analytic count adds full rather than causal attention)."""
+    """XLA's FLOPs of the unrolled prefill (counted on this host, `aot`'s default) and the
+    analytic count (tower, merger, LLM under the schedule, head) agree within 25 % (XLA adds
+    softmax, norms, rotations; the analytic count adds full rather than causal attention)."""
     sys.path.insert(0, ROOT)
     from hidrop_jax import aot
     from hidrop_jax.config import load_config
