@@ -159,6 +159,38 @@ def table_md(setup, data, table, seeds, vanilla, eval_s, only_group=None) -> lis
     return lines
 
 
+def other_budgets_md(setup, data) -> list:
+    """Rows that also ran at another number of steps (same config, sets and seeds), seed by seed
+    beside this budget's line, and each one's paired gap to vanilla per budget: whether a
+    difference is the method's or the budget's."""
+    from experiments.run import read_lines
+    out = []
+    for table in TABLES:
+        other = [r for r in read_lines(setup.results / f"{table}.jsonl")
+                 if r.get("config") == setup.config and r.get("sets", []) == setup.sets
+                 and r.get("steps") != setup.steps and "error" not in r]
+        by = {(r["row"], r["seed"], r["steps"]): r for r in other}
+        by.update({(n, s, setup.steps): r for n, e in data[table].items()
+                   for s, r in e["lines"].items() if "error" not in r})
+        for name in dict.fromkeys(r["row"] for r in other):
+            for seed in sorted({r["seed"] for r in other if r["row"] == name}):
+                for steps in sorted(st for (n, sd, st) in by if (n, sd) == (name, seed)):
+                    r = by[(name, seed, steps)]
+                    van = by.get(("vanilla", seed, steps)) if table == "methods" else None
+                    gap = "–" if van is None else f"{100 * (r['accuracy'] - van['accuracy']):+.1f}"
+                    per = " | ".join(fmt(r["per_type"].get(q), digits=2) for q in QTYPES)
+                    out.append(f"| {table}/{name} | {seed} | {steps} | {r['accuracy']:.3f} | {gap} | {per} |")
+    if not out:
+        return []
+    return ["## Other budgets", "",
+            "Rows that also ran at another number of steps (same config, seed, data order; the "
+            "learning-rate schedule spans each run's steps), seed by seed. Gap = accuracy − the same "
+            "seed's vanilla at the same budget, in points. For example "
+            "`python experiments/run.py --table methods --rows vanilla,tok64 --seeds 0 --steps 3000`.",
+            "", "| row | seed | steps | accuracy | gap to vanilla | " + " | ".join(QTYPES) + " |",
+            "|" + "---|" * (5 + len(QTYPES)), *out, ""]
+
+
 # ----------------------------------------------------------------------------- plot
 
 def pareto_png(data, path: Path) -> int:
@@ -395,6 +427,7 @@ def write_report(setup, out: Path, seeds) -> Path:
     for claim, v, ev in verdicts(data, vanilla):
         L.append(f"| {claim} | **{v}** | {ev} |")
     L += ["", "Scale caveats: " + scale_notes(data), ""]
+    L += other_budgets_md(setup, data)
     if timing:
         t = timing[-1]
         L += ["## Timing pass", "",

@@ -223,3 +223,24 @@ def test_verdicts_follow_the_numbers(tmp_path):
     assert verdict["moving to earlier exit costs little until a plateau ends"].startswith("**cannot tell at this scale")
     rows = [l for l in md.split("## Accuracy")[0].splitlines() if l.startswith("| ") and "row |" not in l]
     assert len(rows) == len(setup.rows("methods")) + len(setup.rows("ablations")) and all(l.endswith("| done |") for l in rows)  # every row, 4 seeds
+
+
+def test_other_budgets_sit_beside_this_one_with_their_own_vanilla_gap(tmp_path):
+    """A row that also ran at twice the steps is listed seed by seed under both budgets, its gap
+    taken against vanilla of the same budget (not this budget's vanilla); other configs stay out."""
+    from experiments.report import write_report
+    from experiments.run import Setup, append_line
+    short, long_ = (Setup("configs/tiny_shapes.py", n, [], tmp_path) for n in (2, 4))
+    acc = {(short, "vanilla"): 0.40, (short, "tok64"): 0.46, (long_, "vanilla"): 0.55, (long_, "tok64"): 0.52}
+    for (setup, row), a in acc.items():
+        append_line(setup.results / "methods.jsonl", dict(
+            table="methods", row=row, seed=0, budget=setup.budget, steps=setup.steps, config=setup.config,
+            sets=[], accuracy=a, per_type={"color": a}, mean_vision_tokens=10.0, flops_ratio=0.5))
+    append_line(short.results / "methods.jsonl", dict(  # another config: not this report's
+        table="methods", row="tok64", seed=0, budget="other-4", steps=4, config="configs/other.py",
+        sets=[], accuracy=0.9, per_type={}, mean_vision_tokens=10.0, flops_ratio=0.5))
+    md = write_report(short, tmp_path / "R.md", [0]).read_text()
+    section = md.split("## Other budgets")[1]
+    rows = {tuple(c.strip() for c in l.split("|")[1:6]) for l in section.splitlines() if l.startswith("| methods/")}
+    assert rows == {("methods/tok64", "0", "2", "0.460", "+6.0"), ("methods/tok64", "0", "4", "0.520", "-3.0"),
+                    ("methods/vanilla", "0", "2", "0.400", "+0.0"), ("methods/vanilla", "0", "4", "0.550", "+0.0")}
