@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Issue 19's units in the order that answers the most per hour on a 2-core host: error bars on
-# the headline claim (vanilla vs Tok64, all three seeds) first, then seed 0 of every other row,
-# then the remaining seeds, then the ablations. Every unit is resumable and skipped once its line
-# exists, so this can be stopped at any point and rerun by a later session:
+# Issue 19's units in the order that answers the most per hour on a 2-core host. A verdict
+# needs two seeds of both sides of a claim: the headline pair (vanilla, Tok64) gets all three
+# seeds first; then the second seed of each other claim's rows (Tok48; the token-matched
+# PyramidDrop and FastV; relaxed top-k; group and compacted positions), then the sweeps' two
+# seeds, then everything else. Every unit is resumable and skipped once its line exists, so
+# this can be stopped at any point and rerun by a later session:
 #     nohup nice -n 10 experiments/queue.sh > experiments/queue.log 2>&1 &
 # Stop: kill -TERM -- -<its process group> (the trainer saves its step first).
 set -uo pipefail
@@ -13,5 +15,10 @@ ROOT_DIR=${ROOT_DIR:-experiments}  # where runs/ and results/ live (a worktree m
 unit() { "$PY" experiments/run.py --root "$ROOT_DIR" --table "$1" --rows "$2" --seeds "$3" || echo "unit $1/$2/seed$3 failed: rc $?"; }
 for s in 0 1 2; do for r in vanilla fastv_free tok64; do unit methods "$r" "$s"; done; done
 for r in tok48 tok80 pdrop fastv proposal_free proposal pdrop_matched fastv_matched; do unit methods "$r" 0; done
-for s in 1 2; do for r in tok48 tok80 pdrop fastv proposal_free proposal pdrop_matched fastv_matched; do unit methods "$r" "$s"; done; done
+for r in tok48 pdrop_matched fastv_matched; do unit methods "$r" 1; done
+for s in 0 1; do for r in relaxed_t0.1 group compacted; do unit ablations "$r" "$s"; done; done
+for s in 0 1; do for r in inject0 inject1 inject3 inject4 exit4 exit5 exit7 exit8; do unit ablations "$r" "$s"; done; done
+for r in tok80 pdrop fastv proposal_free proposal; do unit methods "$r" 1; done
+for s in 0 1; do unit ablations relaxed_t1 "$s"; done
+for r in tok48 tok80 pdrop fastv proposal_free proposal pdrop_matched fastv_matched; do unit methods "$r" 2; done
 for s in 0 1 2; do unit ablations "" "$s"; done

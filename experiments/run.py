@@ -176,6 +176,20 @@ def has_result(setup: Setup, table: str, row: str, seed: int) -> bool:
                for r in read_lines(setup.results / f"{table}.jsonl"))
 
 
+def same_run_result(setup: Setup, fields: dict, seed: int):
+    """A finished line, in any table, of a row that trained `fields` under this budget and seed
+    and was evaluated as trained: such rows are one model (same schedule, initialisation and
+    data order), so its result stands for another row's, even after `runs/` is gone."""
+    want = json.loads(json.dumps(fields))
+    for table in TABLES:
+        for r in read_lines(setup.results / f"{table}.jsonl"):
+            if (r.get("budget") == setup.budget and r.get("seed") == seed and r.get("sets") == setup.sets
+                    and r.get("trained_schedule") == want and r.get("training_free") is False
+                    and "accuracy" in r and "proposal" not in r and "same_as" not in r):
+                return r
+    return None
+
+
 def append_line(path: Path, rec: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
@@ -347,6 +361,13 @@ def run_unit(setup: Setup, table: str, row: Row, seed: int) -> str:
                     fields = {"name": "vanilla", **prop}
                 else:
                     eval_schedule = str(wd / "analysis" / "schedule.json")
+        same = same_run_result(setup, fields, seed) if row.train is not None else None
+        if same is not None:
+            append_line(results, dict(
+                same, table=table, row=row.name, label=row.label, same_as=f"{same['table']}/{same['row']}",
+                unit_seconds=round(time.time() - t0, 1), commit=_commit(),
+                time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+            return f"the same model as {same['table']}/{same['row']}: accuracy {same['accuracy']:.4f}"
         key = "proposal" if row.from_proposal else train_key(fields)
         wd = setup.workdir(key, seed)
         train_s = ensure_trained(setup, wd, fields, seed)

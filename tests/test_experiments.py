@@ -144,6 +144,27 @@ def test_running_again_does_nothing(finished):
     assert (finished / "results" / "timing.jsonl").read_text() == timing
 
 
+def test_a_row_that_trains_a_finished_rows_model_takes_its_result(tmp_path):
+    """The ablations' `hard` and `persistent` rows train exactly methods' Tok64 (same schedule,
+    seed and data order): once that line exists they take its result instead of training the
+    model again, and say whose it is; a row with another schedule or seed does not."""
+    from experiments.run import Setup, run_unit, same_run_result
+    setup = Setup("tests/tiny_config.py", 2, [], tmp_path)
+    tok64 = dict(table="methods", row="tok64", seed=0, budget=setup.budget, sets=[], trained_schedule={"name": "tok64"},
+                 training_free=False, accuracy=0.625, per_type={"count": 0.625}, workdir="runs/x/tok64/seed0")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "methods.jsonl").write_text(json.dumps(tok64) + "\n")
+    rows = {r.name: r for r in setup.rows("ablations")}
+    for name in ("hard", "persistent"):
+        assert run_unit(setup, "ablations", rows[name], 0).startswith("the same model as methods/tok64")
+    got = _lines(tmp_path, "ablations")
+    assert [(x["row"], x["same_as"], x["accuracy"], x["per_type"]) for x in got] == [
+        (n, "methods/tok64", 0.625, {"count": 0.625}) for n in ("hard", "persistent")]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("checkpoints"))
+    assert same_run_result(setup, rows["group"].train, 0) is None  # another schedule
+    assert same_run_result(setup, rows["hard"].train, 1) is None  # another seed
+
+
 @pytest.mark.expensive  # ~17 min on the loaded 2-core host: `pytest -m expensive`, not in CI
 def test_a_killed_runner_resumes_its_training(tmp_path):
     """SIGKILL the runner mid-training: its trainer is told (SIGTERM), saves and exits; the next
