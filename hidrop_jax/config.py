@@ -266,6 +266,9 @@ def train_defaults() -> dict:
         mesh=(-1, 1, 1),  # (data, fsdp, tensor); -1 = the remaining devices
         log_every=10, eval_every=200, eval_batches=8, ckpt_every=200, keep_ckpts=3,
         async_ckpt=True,
+        # a directory (local, or gs:// on a pod) for JAX's persistent compilation cache: a
+        # relaunch finds its compiled step there instead of compiling again; "" = off
+        compile_cache="",
         # a relaunch under another schedule or trainable set is refused unless this is True;
         # then the change is recorded in the workdir's history.jsonl
         allow_changes=False,

@@ -1,6 +1,7 @@
 """Training: overfitting, gradient accumulation, crash-safe resume, non-finite stop, bad config."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -161,12 +162,15 @@ def _steps_saved(run):
     return sorted(int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit())
 
 
-def _resume_and_compare(run, data_dir, reference_run, kept):
-    subprocess.run(_train_cmd(run, data_dir, STEPS), check=True, env=ENV, capture_output=True)
+def _resume_and_compare(run, data_dir, reference_run, kept, *extra, env=ENV):
+    """Relaunches the run to STEPS, checks it equals the uninterrupted one; returns the relaunch."""
+    done = subprocess.run(_train_cmd(run, data_dir, STEPS, 2, *extra), check=True, env=env,
+                          capture_output=True, text=True)
     after = _steps_saved(run)
     assert set(kept) <= set(after) and after[-1] == STEPS  # nothing lost, run completed
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0),
                  reference_run, load_run(run)[1])
+    return done
 
 
 @pytest.mark.slow
@@ -189,10 +193,13 @@ def test_sigkill_and_resume_matches_uninterrupted(data_dir, tmp_path, reference_
 def test_sigterm_saves_the_current_step_and_resumes_exactly(data_dir, tmp_path, reference_run):
     """Preemption (Spot TPU VMs, SLURM send SIGTERM before they kill): the trainer saves the
     step it is at, newer than the last periodic checkpoint, exits cleanly, and a relaunch
-    reaches the uninterrupted run's parameters."""
+    reaches the uninterrupted run's parameters. With `train.compile_cache`, the relaunch takes
+    its train step from JAX's persistent cache instead of compiling it again."""
     run = tmp_path / "run"
-    p = subprocess.Popen(_train_cmd(run, data_dir, STEPS, 8, "--config.train.log_every=1"), env=ENV,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cache = f"--config.train.compile_cache={tmp_path / 'jax_cache'}"
+    env = dict(ENV, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # the tiny step compiles fast
+    p = subprocess.Popen(_train_cmd(run, data_dir, STEPS, 8, "--config.train.log_every=1", cache),
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     metrics = run / "metrics.jsonl"
     while p.poll() is None and time.time() < deadline and not (
@@ -205,7 +212,9 @@ def test_sigterm_saves_the_current_step_and_resumes_exactly(data_dir, tmp_path, 
     kept = _steps_saved(run)
     assert kept[0] == 8 and 9 <= kept[-1] < STEPS and len(kept) == 2, kept  # periodic 8 + the preempted step
     assert f"preempted (SIGTERM): saved step {kept[-1]}" in err
-    _resume_and_compare(run, data_dir, reference_run, kept)
+    assert re.search(r"train step compiled .*: 0 hits, [1-9]\d* misses", err), err[-3000:]
+    relaunch = _resume_and_compare(run, data_dir, reference_run, kept, cache, env=env)
+    assert re.search(r"train step compiled .*: [1-9]\d* hits, 0 misses", relaunch.stderr), relaunch.stderr[-3000:]
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
