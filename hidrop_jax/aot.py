@@ -395,6 +395,10 @@ def summary(r: dict) -> str:
 
 def main(argv):
     del argv
+    # An executable compiled for a slice this host does not have cannot be loaded back from JAX's
+    # persistent cache (JAX_COMPILATION_CACHE_DIR): it would warn and compile again, and
+    # `compile_s` must be the compiler's time. So this tool never uses the cache.
+    jax.config.update("jax_enable_compilation_cache", False)
     r = run(FLAGS.config, FLAGS.topology, FLAGS.program, find_max=FLAGS["max-batch"].value,
             max_new_tokens=FLAGS["max-new-tokens"].value, flops=FLAGS.flops)
     print(summary(r))
