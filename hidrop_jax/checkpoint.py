@@ -13,7 +13,9 @@ itself for HF (`find_tokenizer`). The training state of a workdir is saved and r
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import shutil
 import zlib
 from pathlib import Path
@@ -244,12 +246,27 @@ def _read_json(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+class _DropOrphanedTaskErrors(logging.Filter):
+    def filter(self, record):
+        return not record.getMessage().startswith("Task exception was never retrieved")
+
+
 def _restore_or_fail(restore, what: str):
     try:
         return restore()
     except (OSError, ValueError, RuntimeError) as e:  # tensorstore/orbax on damaged files
         cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise DamagedCheckpoint(f"{what} cannot be read ({type(e).__name__}: {cause[:200]})") from None
+        message = f"{what} cannot be read ({type(e).__name__}: {cause[:200]})"
+    # orbax reads arrays in parallel asyncio tasks; it raises the first failure, and the others'
+    # (the same damage) would each print "Task exception was never retrieved" and a traceback
+    # whenever they are garbage-collected, around our one-line error. Collect them now, quietly.
+    quiet = _DropOrphanedTaskErrors()
+    logging.getLogger("asyncio").addFilter(quiet)
+    try:
+        gc.collect()
+    finally:
+        logging.getLogger("asyncio").removeFilter(quiet)
+    raise DamagedCheckpoint(message)
 
 
 def _crc(a) -> str:
