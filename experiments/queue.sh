@@ -5,9 +5,14 @@
 # PyramidDrop and FastV; relaxed top-k; group and compacted positions), then the sweeps' two
 # seeds, then everything else. Every unit is resumable and skipped once its line exists, so
 # this can be stopped at any point and rerun by a later session:
-#     nohup nice -n 10 experiments/queue.sh > experiments/queue.log 2>&1 &
+#     setsid nohup nice -n 10 experiments/queue.sh > experiments/queue.log 2>&1 &
 # Stop: kill -TERM -- -<its process group> (the trainer saves its step first).
 set -uo pipefail
+# Started with setsid, this is a session of its own, and Linux shares the CPU between sessions'
+# scheduler autogroups before niceness counts: `nice` alone would still take half the machine
+# from a test suite in another session. So a session leader lowers its own autogroup too (best
+# effort: not every kernel has autogroups); run without setsid, it leaves the caller's alone.
+if [ "$(ps -o sid= -p $$ | tr -d ' ')" = "$$" ]; then echo 19 2>/dev/null > /proc/self/autogroup || true; fi
 cd "$(dirname "$0")/.." || exit 1
 PY=${PY:-.venv/bin/python}
 export JAX_PLATFORMS=cpu
