@@ -1,5 +1,8 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -15,9 +18,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 # compiler made, so nothing a test checks changes; tests of the cache itself name their own
 # (`train.compile_cache`). A tiny-model launch: 37 s without it, 16 s with a hit.
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    import atexit
-    import shutil
-    import tempfile
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="hidrop_jax_cache_")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
@@ -25,8 +25,5 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
 # Datasets built with an empty data.data_dir go to the machine's shared folder
 # (hidrop_jax.data.sources.default_data_dir); in tests, a folder of this session, not ~/.cache.
 if not os.environ.get("HIDROP_DATA_DIR"):
-    import atexit
-    import shutil
-    import tempfile
     os.environ["HIDROP_DATA_DIR"] = tempfile.mkdtemp(prefix="hidrop_tfds_")
     atexit.register(shutil.rmtree, os.environ["HIDROP_DATA_DIR"], ignore_errors=True)
