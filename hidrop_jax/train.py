@@ -350,7 +350,7 @@ def train(cfg, workdir) -> dict:
         raise ValueError(f"config field `train.batch_size` = {t.batch_size} is not supported; "
                          f"allowed: a multiple of the {jax.process_count()} processes")
     lead = jax.process_index() == 0
-    if t.get("compile_cache"):
+    if t.compile_cache:
         use_compile_cache(t.compile_cache)
     workdir.mkdir(parents=True, exist_ok=True)
     tok, spec, train_src, eval_src = open_data(cfg, workdir)
@@ -394,10 +394,11 @@ def train(cfg, workdir) -> dict:
                 tc = time.time()        # once per batch shape (Qwen image buckets: one each)
                 with jax.set_mesh(mesh):  # the Pallas attention's shard_map reads it
                     compiled[shapes] = step_fn.lower(state, inputs, targets).compile()
-                paused += time.time() - tc
+                tc = time.time() - tc
+                paused += tc
                 if lead:
-                    log.info("train step compiled in %.1f s (%s); memory: %s", time.time() - tc,
-                             _cache_report(t.get("compile_cache")), memory_report(compiled[shapes]))
+                    log.info("train step compiled in %.1f s (%s); memory: %s", tc,
+                             _cache_report(t.compile_cache), memory_report(compiled[shapes]))
             paused += profile.before(step)
             state, m = compiled[shapes](state, inputs, targets)
             paused += profile.after(step, state)
