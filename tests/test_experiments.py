@@ -265,3 +265,24 @@ def test_other_budgets_sit_beside_this_one_with_their_own_vanilla_gap(tmp_path):
     rows = {tuple(c.strip() for c in l.split("|")[1:6]) for l in section.splitlines() if l.startswith("| methods/")}
     assert rows == {("methods/tok64", "0", "2", "0.460", "+6.0"), ("methods/tok64", "0", "4", "0.520", "-3.0"),
                     ("methods/vanilla", "0", "2", "0.400", "+0.0"), ("methods/vanilla", "0", "4", "0.550", "+0.0")}
+
+
+def test_scale_notes_tell_types_nobody_reads_from_types_only_vanilla_misses(tmp_path):
+    """Vanilla at chance on colour and exist; Tok64 far above chance on colour only: colour is
+    named as the source of Tok64's lead, exist as unable to separate the methods, shape (where
+    vanilla reads the image) in neither list."""
+    from experiments.report import scale_notes
+    from experiments.run import Setup, append_line, read_lines
+    setup = Setup("configs/tiny_shapes.py", 2, [], tmp_path)
+    types = dict(vanilla=dict(color=0.17, exist=0.50, shape=0.60), tok64=dict(color=0.40, exist=0.51, shape=0.62))
+    for row, per_type in types.items():
+        for seed, w in enumerate((0.004, -0.004, 0.0)):
+            append_line(setup.results / "methods.jsonl", dict(
+                table="methods", row=row, seed=seed, budget=setup.budget, accuracy=0.5,
+                per_type={q: a + w for q, a in per_type.items()}))
+    lines = read_lines(setup.results / "methods.jsonl")
+    data = {"methods": {row: {"lines": {r["seed"]: r for r in lines if r["row"] == row}} for row in types}}
+    note = scale_notes(data)
+    lead, nobody = note.split("every method stays at chance on ")
+    assert "color (vanilla 0.17" in lead and "tok64 0.40" in lead and "exist" not in lead
+    assert nobody.startswith("exist 0.50") and "color" not in nobody and "shape" not in note
