@@ -17,11 +17,15 @@ cd "$(dirname "$0")/.." || exit 1
 PY=${PY:-.venv/bin/python}
 export JAX_PLATFORMS=cpu
 ROOT_DIR=${ROOT_DIR:-experiments}  # where runs/ and results/ live (a worktree may point at main's)
-unit() { "$PY" experiments/run.py --root "$ROOT_DIR" --table "$1" --rows "$2" --seeds "$3" || echo "unit $1/$2/seed$3 failed: rc $?"; }
+unit() { "$PY" experiments/run.py --root "$ROOT_DIR" --table "$1" --rows "$2" --seeds "$3" "${@:4}" || echo "unit $1/$2/seed$3 ${*:4} failed: rc $?"; }
 for s in 0 1 2; do for r in vanilla fastv_free tok64; do unit methods "$r" "$s"; done; done
 for r in tok48 tok80 pdrop fastv proposal_free proposal pdrop_matched fastv_matched; do unit methods "$r" 0; done
 for r in tok48 pdrop_matched fastv_matched; do unit methods "$r" 1; done
 for s in 0 1; do for r in relaxed_t0.1 group compacted; do unit ablations "$r" "$s"; done; done
+# Is HiDrop's lead over vanilla (vanilla at chance on colour and shape at 1,500 steps) a budget
+# effect? The headline pair at three times the steps (RESULTS.md "Other budgets", gap against
+# vanilla of the same budget).
+for r in vanilla tok64; do unit methods "$r" 0 --steps 4500; done
 for s in 0 1; do for r in inject0 inject1 inject3 inject4 exit4 exit5 exit7 exit8; do unit ablations "$r" "$s"; done; done
 for r in tok80 pdrop fastv proposal_free proposal; do unit methods "$r" 1; done
 for s in 0 1; do unit ablations relaxed_t1 "$s"; done

@@ -94,6 +94,9 @@ def test_queue_covers_every_unit_headline_seeds_first(tmp_path):
     assert set(asked) == want
     first_other = min(i for i, (t, row, _) in enumerate(asked) if row not in ("vanilla", "fastv_free", "tok64"))
     assert {("methods", x, s) for x in ("vanilla", "tok64") for s in (1, 2)} <= set(asked[:first_other])
+    longer = [l.split() for l in log.read_text().splitlines() if "--steps" in l]
+    assert sorted((a[a.index("--rows") + 1], a[a.index("--steps") + 1]) for a in longer) == [
+        ("tok64", "4500"), ("vanilla", "4500")]  # the budget check of the headline pair
 
 
 def _run(root, *args, steps=2, timeout=900, **kw):
