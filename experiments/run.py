@@ -127,9 +127,13 @@ def _on_term(signum, frame):
     for p in list(_children):
         with contextlib.suppress(ProcessLookupError):
             p.send_signal(signal.SIGTERM)
+    # Not p.wait(): the interrupted main thread holds that Popen's wait lock, so it would spin
+    # until its timeout. Reap with waitpid directly (another thread's wait then sees ECHILD).
+    deadline = time.time() + 120
     for p in list(_children):
-        with contextlib.suppress(Exception):
-            p.wait(timeout=120)
+        with contextlib.suppress(ChildProcessError):
+            while not os.waitpid(p.pid, os.WNOHANG)[0] and time.time() < deadline:
+                time.sleep(0.1)
     os._exit(128 + signum)
 
 

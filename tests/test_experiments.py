@@ -289,3 +289,20 @@ def test_scale_notes_tell_types_nobody_reads_from_types_only_vanilla_misses(tmp_
     lead, nobody = note.split("every method stays at chance on ")
     assert "color (vanilla 0.17" in lead and "tok64 0.40" in lead and "exist" not in lead
     assert nobody.startswith("exist 0.50") and "color" not in nobody and "shape" not in note
+
+
+def test_sigterm_to_the_runner_is_passed_on_and_it_exits_when_its_child_has(tmp_path):
+    """The runner's SIGTERM handler forwards the signal and returns once the child is gone (it
+    used to spin 120 s on the Popen lock its own interrupted wait held)."""
+    driver = ("import signal, sys; from pathlib import Path; from experiments import run; "
+              "signal.signal(signal.SIGTERM, run._on_term); "
+              f"run.sh([sys.executable, '-c', 'import time; print(1, flush=True); time.sleep(300)'], Path({str(tmp_path)!r}) / 'log')")
+    p = subprocess.Popen([sys.executable, "-c", driver], cwd=ROOT)
+    log = tmp_path / "log"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (log.is_file() and log.read_text().rstrip().endswith("1")):
+        time.sleep(0.1)
+    t0 = time.time()
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 128 + signal.SIGTERM
+    assert time.time() - t0 < 30  # the child dies at once; 120 s would be the old spin
