@@ -41,6 +41,7 @@ also reads.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -179,6 +180,25 @@ def _is_oom(e: Exception) -> bool:
 LAST_OOM = {}  # the compiler's message of the last program that did not fit (see compile_program)
 
 
+@contextlib.contextmanager
+def _without_persistent_cache():
+    """An executable compiled for a slice this host does not have cannot be loaded back from
+    JAX's persistent cache (JAX_COMPILATION_CACHE_DIR, as clusters, the test suite and
+    `train.compile_cache` set it): it would warn and compile again, and `compile_s` must be the
+    compiler's time. JAX decides once per process whether to use the cache, at the first
+    compile after a reset, so the setting alone does nothing once something has compiled: the
+    cache is reset on the way in and out."""
+    from jax.experimental.compilation_cache import compilation_cache
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
+        compilation_cache.reset_cache()
+
+
 def compile_program(fn, args, *, retry_oom: bool = True):
     """(compiled or None, fits, seconds). A program over HBM is compiled again with
     `xla_tpu_no_crash_on_oom` so its figures can still be read (if `retry_oom`; slow at 7B:
@@ -189,16 +209,17 @@ def compile_program(fn, args, *, retry_oom: bool = True):
     meshes = [x.sharding.mesh for x in jax.tree.leaves(args) if getattr(x, "sharding", None) is not None]
     with jax.set_mesh(meshes[0]):
         lowered = fn.lower(*args)
-    try:
-        return lowered.compile(), True, time.time() - t0
-    except Exception as e:  # noqa: BLE001 (jax raises JaxRuntimeError; its home moves between versions)
-        if not _is_oom(e):
-            raise
-        LAST_OOM.clear()
-        LAST_OOM.update(message=str(e)[:4000], required_bytes=_required_bytes(str(e)))
-    if not retry_oom:
-        return None, False, time.time() - t0
-    return lowered.compile(compiler_options=OOM_OPTIONS), False, time.time() - t0
+    with _without_persistent_cache():
+        try:
+            return lowered.compile(), True, time.time() - t0
+        except Exception as e:  # noqa: BLE001 (jax raises JaxRuntimeError; its home moves between versions)
+            if not _is_oom(e):
+                raise
+            LAST_OOM.clear()
+            LAST_OOM.update(message=str(e)[:4000], required_bytes=_required_bytes(str(e)))
+        if not retry_oom:
+            return None, False, time.time() - t0
+        return lowered.compile(compiler_options=OOM_OPTIONS), False, time.time() - t0
 
 
 def _required_bytes(message: str):
@@ -395,10 +416,6 @@ def summary(r: dict) -> str:
 
 def main(argv):
     del argv
-    # An executable compiled for a slice this host does not have cannot be loaded back from JAX's
-    # persistent cache (JAX_COMPILATION_CACHE_DIR): it would warn and compile again, and
-    # `compile_s` must be the compiler's time. So this tool never uses the cache.
-    jax.config.update("jax_enable_compilation_cache", False)
     r = run(FLAGS.config, FLAGS.topology, FLAGS.program, find_max=FLAGS["max-batch"].value,
             max_new_tokens=FLAGS["max-new-tokens"].value, flops=FLAGS.flops)
     print(summary(r))

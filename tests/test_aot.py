@@ -200,3 +200,26 @@ def test_bad_topology_and_mesh_name_the_value():
     cfg.train.mesh = (2, 3, 1)
     with pytest.raises(ValueError, match=r"train.mesh = \(2, 3, 1\).*4 devices.*allowed.*product is 4"):
         aot.topology_mesh(cfg, aot.topology_devices("v5p:2x2x1")[1])
+
+
+def test_slice_compiles_keep_out_of_the_persistent_cache():
+    """An executable for an absent slice cannot be loaded back from JAX's persistent cache (the
+    suite sets one, as `train.compile_cache` does): `compile_program` looks nothing up there,
+    even after the process has used the cache, and leaves it in use for what compiles next."""
+    import jax
+    events = []
+    jax.monitoring.register_event_listener(
+        lambda event, **_: events.append(event) if event.startswith("/jax/compilation_cache/cache_") else None)
+    assert jax.config.jax_enable_compilation_cache and os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    jax.jit(lambda a: a - 2.0)(np.ones(3, np.float32))  # the process has compiled through the cache
+    assert events, "the suite's persistent cache is not in use: this test shows nothing"
+    aot = _aot()
+    mesh = aot.topology_mesh(_config(), aot.topology_devices("v5p:2x2x1")[1])
+    x = jax.ShapeDtypeStruct((8, 128), np.float32, sharding=jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec("fsdp")))
+    fn = jax.jit(lambda a: a * 3.0 + 1.0)
+    events.clear()
+    compiled, fits, _ = aot.compile_program(fn, (x,))
+    assert fits and events == [] and jax.config.jax_enable_compilation_cache
+    jax.jit(lambda a: a * 5.0)(np.ones(3, np.float32))  # ... and is back in use afterwards
+    assert events
