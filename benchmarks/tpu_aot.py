@@ -108,39 +108,41 @@ def fill_flops(path: str):
 
 
 def table(path: str) -> str:
+    """Every row of `path`, grouped by model, stage (2 first), slice and kernel, schedules in SCHEDULES
+    order; step and FLOPs ratios are against vanilla on the same slice, kernel and rows."""
     rows = done_rows(path)
     g = lambda b: f"{b / 2 ** 30:.1f}"  # noqa: E731
-    lines = ["| model | stage | slice | mesh | remat | attention | schedule | batch/chip | GiB/chip (arg+out+temp−alias) "
-             "| HBM GiB | fits | largest batch/chip | est. step (s) | step vs vanilla | analytic FLOPs vs vanilla "
-             "| est. MFU | compile (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    base = {}
+    same = lambda r: (r["model"], r["stage"], r["topology"], r["remat"], tuple(r["mesh_arg"]),  # noqa: E731
+                      r["batch_per_device"], r.get("attention_impl", "xla"))
+    order = {s: i for i, s in enumerate(SCHEDULES)}
+    rows.sort(key=lambda r: (list(MODELS).index(r["model"]), -int(r["stage"][1:]), r["topology"], r.get("attention_impl", "xla"),
+                             r["batch_per_device"], order.get(r["schedule"], len(order))))
+    lines = ["| model | stage | slice | mesh | remat | attention | schedule | batch/chip | temp GiB "
+             "| GiB/chip (arg+out+temp−alias) | HBM GiB | fits | largest batch/chip | est. step (s) "
+             "| step vs vanilla | analytic FLOPs vs vanilla | est. MFU | compile (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {same(r): r for r in rows if r["schedule"] == "vanilla" and r.get("est_step_s")}
     for r in rows:
-        if r["schedule"] == "vanilla" and r.get("est_step_s"):
-            base[(r["model"], r["stage"], r["topology"], r["remat"], tuple(r["mesh_arg"]),
-                  r["batch_per_device"], r.get("attention_impl", "xla"))] = r
-    for r in rows:
-        b = base.get((r["model"], r["stage"], r["topology"], r["remat"], tuple(r["mesh_arg"]),
-                      r["batch_per_device"], r.get("attention_impl", "xla")))
+        b = base.get(same(r))
         step = r.get("est_step_s")
         ratio = f"{step / b['est_step_s']:.3f}" if b and step else "—"
         fr = (f"{r['model_flops_per_device'] / b['model_flops_per_device']:.3f}"
               if b and r.get("model_flops_per_device") else "—")
         mesh = "×".join(str(v) for v in r["mesh"].values())
         mfu = "—" if r.get("est_mfu") is None else f"{r['est_mfu']:.2f}"
-        if r["bytes_per_device"] is not None:
-            total = g(r["bytes_per_device"]["total"])
+        m = r["bytes_per_device"]
+        if m is not None:
+            temp, total = g(m["temp"]), g(m["total"])
         else:  # not compiled again: the compiler's "required" figure from its message
             req = (r.get("oom") or {}).get("required_bytes")
-            total = f"> HBM (compiler: {g(req)} temporaries)" if req else "> HBM"
+            temp, total = (g(req) if req else "—"), "> HBM"
         lines.append(
             f"| {r['model']} | {r['stage']} | {r['topology']} | {mesh} | {r['remat']} "
             f"| {r.get('attention_impl', 'xla')} | {r['schedule']} "
-            f"| {r['batch_per_device']} | {total} | {g(r['hbm_bytes_per_device'])} "
+            f"| {r['batch_per_device']} | {temp} | {total} | {g(r['hbm_bytes_per_device'])} "
             f"| {'yes' if r['fits'] else 'no'} | {r.get('max_batch_per_device', '—')} "
             f"| {'—' if step is None else f'{step:.3f}'} | {ratio} | {fr} "
-            f"| {mfu} "
-            f"| {r['compile_s']}{'' if r.get('flops_compile_s') is None else ' + ' + str(r['flops_compile_s'])} |")
+            f"| {mfu} | {r['compile_s']:.0f} |")
     return "\n".join(lines)
 
 
