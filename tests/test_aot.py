@@ -223,3 +223,29 @@ def test_slice_compiles_keep_out_of_the_persistent_cache():
     assert fits and events == [] and jax.config.jax_enable_compilation_cache
     jax.jit(lambda a: a * 5.0)(np.ones(3, np.float32))  # ... and is back in use afterwards
     assert events
+
+
+def test_table_puts_schedules_side_by_side_against_vanilla_of_the_same_slice_and_kernel(tmp_path):
+    """`benchmarks/tpu_aot.py --table` (BENCHMARKS.md): rows grouped by model (7B before 13B),
+    schedules in their fixed order, each step ratio taken against vanilla on the same slice,
+    kernel and rows; a row without such a vanilla gets no ratio."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import tpu_aot
+    gib = 2 ** 30
+    def row(model, schedule, step, attention="pallas"):
+        m = dict(argument=gib, output=gib, temp=3 * gib, alias=gib, total=4 * gib, code=0)
+        return dict(model=model, stage="s2", topology="v5e:8x8", schedule=schedule, remat="full",
+                    mesh_arg=[1, -1, 1], mesh=dict(data=1, fsdp=64, tensor=1), attention_impl=attention,
+                    batch_per_device=2, bytes_per_device=m, hbm_bytes_per_device=16 * gib, fits=True,
+                    est_step_s=step, est_mfu=0.8, model_flops_per_device=step * 10, compile_s=100.4)
+    rows = [row("13b", "vanilla", 2.0), row("7b", "tok64", 0.75), row("7b", "vanilla", 1.0),
+            row("7b", "tok48", 0.5, attention="xla")]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    body = [line.split("|")[1:-1] for line in tpu_aot.table(str(path)).splitlines()[2:]]
+    got = [(c[0].strip(), c[5].strip(), c[6].strip(), c[8].strip(), c[14].strip(), c[15].strip(), c[17].strip())
+           for c in body]
+    assert got == [("7b", "pallas", "vanilla", "3.0", "1.000", "1.000", "100"),
+                   ("7b", "pallas", "tok64", "3.0", "0.750", "0.750", "100"),
+                   ("7b", "xla", "tok48", "3.0", "—", "—", "100"),
+                   ("13b", "pallas", "vanilla", "3.0", "1.000", "1.000", "100")]
