@@ -115,8 +115,9 @@ def table(path: str) -> str:
     same = lambda r: (r["model"], r["stage"], r["topology"], r["remat"], tuple(r["mesh_arg"]),  # noqa: E731
                       r["batch_per_device"], r.get("attention_impl", "xla"))
     order = {s: i for i, s in enumerate(SCHEDULES)}
-    rows.sort(key=lambda r: (list(MODELS).index(r["model"]), -int(r["stage"][1:]), r["topology"], r.get("attention_impl", "xla"),
-                             r["batch_per_device"], order.get(r["schedule"], len(order))))
+    rows.sort(key=lambda r: (list(MODELS).index(r["model"]), -int(r["stage"][1:]), r["topology"],
+                             r.get("attention_impl", "xla"), r["batch_per_device"],
+                             order.get(r["schedule"], len(order))))
     lines = ["| model | stage | slice | mesh | remat | attention | schedule | batch/chip | temp GiB "
              "| GiB/chip (arg+out+temp−alias) | HBM GiB | fits | largest batch/chip | est. step (s) "
              "| step vs vanilla | analytic FLOPs vs vanilla | est. MFU | compile (s) |",

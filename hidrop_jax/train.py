@@ -394,10 +394,10 @@ def train(cfg, workdir) -> dict:
                 tc = time.time()        # once per batch shape (Qwen image buckets: one each)
                 with jax.set_mesh(mesh):  # the Pallas attention's shard_map reads it
                     compiled[shapes] = step_fn.lower(state, inputs, targets).compile()
-                tc = time.time() - tc
-                paused += tc
+                compile_s = time.time() - tc
+                paused += compile_s
                 if lead:
-                    log.info("train step compiled in %.1f s (%s); memory: %s", tc,
+                    log.info("train step compiled in %.1f s (%s); memory: %s", compile_s,
                              _cache_report(t.compile_cache), memory_report(compiled[shapes]))
             paused += profile.before(step)
             state, m = compiled[shapes](state, inputs, targets)
