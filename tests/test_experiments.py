@@ -302,7 +302,6 @@ def test_sigterm_to_the_runner_is_passed_on_and_it_exits_when_its_child_has(tmp_
     deadline = time.time() + 60
     while time.time() < deadline and not (log.is_file() and log.read_text().rstrip().endswith("1")):
         time.sleep(0.1)
-    t0 = time.time()
     p.send_signal(signal.SIGTERM)
+    # a hang bound, not a timing: the child dies at once, the old handler spun for 120 s
     assert p.wait(timeout=60) == 128 + signal.SIGTERM
-    assert time.time() - t0 < 30  # the child dies at once; 120 s would be the old spin
