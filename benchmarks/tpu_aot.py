@@ -66,6 +66,23 @@ def done_rows(path: str) -> list:
     return [json.loads(line) for line in open(path) if line.strip()]
 
 
+def probes_of(out: str, k: tuple):
+    """A `--max-batch` search compiles several batches (each minutes at 7B): each probe goes to
+    `<out>_probes.jsonl` as it ends, so a search killed half-way resumes where it stopped, and
+    the row already compiled at the stage's own batch counts as a probe.
+    -> (the probes of row `k` compiled before, the callback that appends a new one)."""
+    path = out[:-len(".jsonl")] + "_probes.jsonl" if out.endswith(".jsonl") else out + ".probes"
+    tag = json.loads(json.dumps(k))
+    plain = k[:6] + (False,) + k[7:]
+    known = {r["batch_per_device"]: aot.probe_record(r) for r in done_rows(out) if key(r) == plain}
+    known.update((p["batch"], p) for p in done_rows(path) if p.get("key") == tag)
+
+    def on_probe(record):
+        with open(path, "a") as f:
+            f.write(json.dumps(dict(record, key=tag)) + "\n")
+    return known, on_probe
+
+
 def measure(rows, schedules, out: str, remat: str, mesh, find_max: bool, flops: str = "host",
             retry_oom: bool = True, attention=None):
     seen = {key(r) for r in done_rows(out)}
@@ -78,8 +95,10 @@ def measure(rows, schedules, out: str, remat: str, mesh, find_max: bool, flops: 
                 continue
             cfg = config(model, stage, name, remat, mesh, attention)
             t0 = time.time()
+            known, on_probe = probes_of(out, k) if find_max else (None, None)
             r = aot.run(cfg, topology, "train", find_max=find_max, flops=flops,
-                        log=lambda s: print(s, flush=True), retry_oom=retry_oom)
+                        log=lambda s: print(s, flush=True), retry_oom=retry_oom,
+                        known_probes=known, on_probe=on_probe)
             r.update(model=model, stage=stage, mesh_arg=list(mesh), max_batch=find_max,
                      wall_s=round(time.time() - t0, 1))
             with open(out, "a") as f:

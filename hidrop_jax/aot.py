@@ -348,47 +348,100 @@ def with_batch(cfg, per_device: int, mesh_dp: int):
     return c
 
 
+def next_batch(probes: dict, lo: int, hi, hbm: int, limit: int, guess: bool = True) -> int:
+    """The next per-device batch to compile, strictly between `lo` (the largest known to fit; 0:
+    none) and `hi` (the smallest known not to; None: none yet). Memory per chip is a fixed part
+    (weights, optimizer state) plus temporaries that grow with the rows, so the guess is where
+    the line through the probes nearest the boundary (or through the origin and the one probe
+    known) gives temporaries that fill what the fixed part leaves of `hbm`. Without a guess (or
+    with `guess=False`) it doubles, or bisects once bounded. `probes`: {batch: {"temp", "fixed"}}
+    (bytes; None where the compiler did not say)."""
+    top = limit + 1 if hi is None else hi
+    g = None
+    pts = sorted((b, p["temp"]) for b, p in probes.items() if p.get("temp"))
+    near = [x for x in pts if x[0] in (lo, hi)]
+    pts = near if len(near) == 2 else pts[-2:]
+    fixed = next((p["fixed"] for p in probes.values() if p.get("fixed") is not None), 0)
+    if guess and pts:
+        (b1, t1), (b2, t2) = ((0, 0), pts[0]) if len(pts) == 1 else pts
+        slope = (t2 - t1) / (b2 - b1)
+        if slope > 0:
+            g = int((hbm - fixed - (t1 - slope * b1)) // slope)
+    if g is None:
+        g = 2 * lo if hi is None else (lo + hi) // 2
+    return min(max(g, lo + 1), top - 1)
+
+
+def probe_record(r: dict) -> dict:
+    """A compiled report as one probe of `max_batch`: its batch, verdict and memory (temporaries
+    from the compiler's message where it did not fit)."""
+    mem = r["bytes_per_device"]
+    return dict(batch=r["batch_per_device"], fits=r["fits"], compile_s=r["compile_s"],
+                temp=mem["temp"] if mem else (r.get("oom") or {}).get("required_bytes"),
+                fixed=mem["total"] - mem["temp"] if mem else None, report=r)
+
+
 def max_batch(cfg, topology: str, program_name: str, *, max_new_tokens: int = 32,
-              limit: int = 4096, log=print):
-    """Largest per-device batch (rows per data×fsdp shard) whose program fits: doubling from 1,
-    then bisection. -> (best or 0, probes [(per_device, fits, compile_s)])."""
-    chip_devices = topology_devices(topology)
-    mesh = topology_mesh(cfg, chip_devices[1])
-    dp = data_parallel(mesh)
-    probes = {}
+              limit: int = 4096, known=None, on_probe=None, log=print):
+    """Largest per-device batch (rows per data×fsdp shard) whose program fits, from the config's
+    own batch: each probe is a full compile, so the next batch is guessed from the memory seen
+    (`next_batch`; 3 compiles where memory is linear in the rows, against 6 for doubling and
+    bisection from 1). Three guesses running that fail to halve the bracket (or, unbounded, to
+    double the largest fit) give way to one doubling or bisection, and the answer is exact
+    whatever the compiler does: the largest batch that fits, its successor compiled and over HBM. `known`: probes from an earlier, interrupted search
+    ({batch: record}), not compiled again; `on_probe(record)` is told each new one.
+    -> (best or 0, [records without their reports], the best batch's report or None)."""
+    chip, devices = topology_devices(topology)
+    dp = data_parallel(topology_mesh(cfg, devices))
+    hbm = device_spec(chip, devices).hbm_bytes
+    probes = {int(b): r for b, r in (known or {}).items()}
 
     def fits(b):
         if b not in probes:
-            c = with_batch(cfg, b, dp)
-            _, ok, s = compile_program(*program(c, mesh, program_name, max_new_tokens), retry_oom=False)
-            probes[b] = (ok, round(s, 2))
-            log(f"  batch/device {b}: {'fits' if ok else 'does not fit'} ({s:.1f} s)")
-        return probes[b][0]
+            r = report(with_batch(cfg, b, dp), topology, program_name, max_new_tokens=max_new_tokens,
+                       flops="none", chip_devices=(chip, devices), retry_oom=False)
+            probes[b] = probe_record(r)
+            if on_probe:
+                on_probe(probes[b])
+            log(f"  batch/device {b}: {'fits' if r['fits'] else 'does not fit'} ({r['compile_s']:.1f} s)")
 
-    lo, hi = 0, 1
-    while hi <= limit and fits(hi):
-        lo, hi = hi, hi * 2
-    if hi > limit:
-        return lo, sorted((b, *v) for b, v in probes.items())
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo, sorted((b, *v) for b, v in probes.items())
+    def bracket():  # (largest batch that fits below the smallest that does not, that one or None)
+        hi = min((b for b, p in probes.items() if not p["fits"]), default=None)
+        return max((b for b, p in probes.items() if p["fits"] and (hi is None or b < hi)), default=0), hi
+
+    lo, hi = bracket()
+    b = None if probes else max(1, min(cfg.train.batch_size // dp, limit))
+    slow = 0
+    while not ((hi is not None and hi - lo <= 1) or (hi is None and lo >= limit)):
+        width, lo0 = (None if hi is None else hi - lo), lo
+        fits(b if b is not None else next_batch(probes, lo, hi, hbm, limit, guess=slow < 3))
+        lo, hi = bracket()
+        halved = (hi - lo <= width / 2) if width is not None else (hi is not None or lo >= 2 * max(lo0, 1))
+        slow, b = (0 if halved else slow + 1), None
+    records = [{k: v for k, v in probes[b].items() if k != "report"} for b in sorted(probes)]
+    return lo, records, (probes[lo]["report"] if lo else None)
 
 
 def run(cfg, topology: str, program_name: str, *, find_max: bool = False, max_new_tokens: int = 32,
-        flops: str = "host", log=print, retry_oom: bool = True) -> dict:
+        flops: str = "host", log=print, retry_oom: bool = True, known_probes=None, on_probe=None) -> dict:
+    """`report`, or with `find_max` the report of the largest batch that fits (`max_batch`; its
+    `known_probes` and `on_probe` let a caller resume an interrupted search)."""
     if program_name not in PROGRAMS:
         raise ValueError(f"--program {program_name!r} is not supported; allowed: {PROGRAMS}")
     schedule_of(cfg)  # a bad schedule fails before any compile
     _check_flops(flops)  # before any max-batch probe
     chip_devices = topology_devices(topology)
     if find_max:
-        best, probes = max_batch(cfg, topology, program_name, max_new_tokens=max_new_tokens, log=log)
-        dp = data_parallel(topology_mesh(cfg, chip_devices[1]))
-        cfg = with_batch(cfg, max(best, 1), dp)
-        out = report(cfg, topology, program_name, max_new_tokens=max_new_tokens, flops=flops,
-                     chip_devices=chip_devices)
+        best, probes, out = max_batch(cfg, topology, program_name, max_new_tokens=max_new_tokens,
+                                      known=known_probes, on_probe=on_probe, log=log)
+        mesh = topology_mesh(cfg, chip_devices[1])
+        cfg = with_batch(cfg, max(best, 1), data_parallel(mesh))
+        if out is None:  # not even one row fits: batch 1's figures, compiled again past HBM
+            out = report(cfg, topology, program_name, max_new_tokens=max_new_tokens, flops=flops,
+                         chip_devices=chip_devices, retry_oom=retry_oom)
+        else:  # the largest probe that fits is the report; only its FLOPs are left to count
+            out = dict(out, **flops_fields(cfg, mesh, program_name, max_new_tokens, flops,
+                                           device_spec(*chip_devices)))
         out.update(max_batch_per_device=best, max_batch_probes=probes)
         return out
     return report(cfg, topology, program_name, max_new_tokens=max_new_tokens, flops=flops,

@@ -171,9 +171,126 @@ def test_max_batch_fits_and_the_next_does_not():
     cfg = _config("schedule=vanilla")
     cfg.data.max_len = 4096
     cfg.train.mesh = (-1, 1, 1)
-    best, probes = aot.max_batch(cfg, "v5e:2x2", "prefill", max_new_tokens=4, log=lambda *_: None)
-    seen = {b: ok for b, ok, _ in probes}
+    best, probes, _ = aot.max_batch(cfg, "v5e:2x2", "prefill", max_new_tokens=4, log=lambda *_: None)
+    seen = {p["batch"]: p["fits"] for p in probes}
     assert best >= 1 and seen[best] and not seen[best + 1], probes
+
+
+GB = 10 ** 9
+MEMORY = {  # temporaries per chip (bytes) against rows per chip, as a compiler might grow them
+    "linear": lambda b: 3.6 * GB * b,
+    "affine": lambda b: 2 * GB + 0.9 * GB * b,
+    "convex": lambda b: 0.05 * GB * b * b + 0.1 * GB * b,
+    "concave": lambda b: 4 * GB * b ** 0.5,
+    "step": lambda b: 0.2 * GB * b + (9 * GB if b > 11 else 0),  # a strategy change at 12 rows
+    "tiny": lambda b: 0.001 * GB * b,  # never reaches HBM below the limit
+    "huge": lambda b: 40 * GB * b,  # not even one row fits
+}
+
+
+def _fake_compiles(monkeypatch, temp, fixed=1.3 * GB, topology="v5e:2x2", killed_at=None):
+    """`aot.report` answered from a memory curve instead of libtpu: what each search compiles
+    (the process is killed at compile number `killed_at`)."""
+    aot = _aot()
+    compiled = []
+    hbm = aot.device_spec(*aot.topology_devices(topology)).hbm_bytes
+
+    def report(cfg, topology, program_name, *, chip_devices, retry_oom, **_):
+        b = cfg.train.batch_size // aot.data_parallel(aot.topology_mesh(cfg, chip_devices[1]))
+        if len(compiled) + 1 == killed_at:
+            raise KeyboardInterrupt
+        compiled.append(b)
+        t = int(temp(b))
+        ok = fixed + t <= hbm
+        mem = dict(argument=int(fixed), output=0, temp=t, alias=0, total=int(fixed) + t) if ok else None
+        return dict(topology=topology, devices=len(chip_devices[1]), device_kind="fake", mesh={},
+                    program=program_name, schedule=cfg.hidrop.name, remat=cfg.model.remat,
+                    attention_impl="pallas", batch_per_device=b, fits=ok,
+                    compile_s=1.0, bytes_per_device=mem, hbm_bytes_per_device=hbm,
+                    oom=None if ok else dict(required_bytes=t, message="over HBM"))
+    monkeypatch.setattr(aot, "report", report)
+    return compiled, lambda temp_: max((b for b in range(1, 4097) if fixed + temp_(b) <= hbm), default=0)
+
+
+@pytest.mark.parametrize("curve", sorted(MEMORY))
+@pytest.mark.parametrize("start", [1, 2, 7, 64])
+def test_max_batch_search_ends_where_a_row_by_row_count_does(monkeypatch, curve, start):
+    """Whatever the memory curve and the config's batch, the search returns the largest batch
+    that fits (counted row by row over the curve), compiles no batch twice, and never needs
+    more compiles than doubling + bisection would three times over."""
+    aot = _aot()
+    compiled, brute = _fake_compiles(monkeypatch, MEMORY[curve])
+    cfg = _config()
+    cfg.train.batch_size = 4 * start
+    best, probes, rep = aot.max_batch(cfg, "v5e:2x2", "train", log=lambda *_: None)
+    assert best == brute(MEMORY[curve])
+    assert len(compiled) == len(set(compiled)) == len(probes) <= 3 * (2 * 12 + 1)
+    if best:
+        assert rep["batch_per_device"] == best and rep["fits"]
+        assert best == 4096 or {p["batch"]: p["fits"] for p in probes}.get(best + 1) is False
+    else:
+        assert rep is None and 1 in compiled
+
+
+def test_max_batch_reads_the_memory_it_sees(monkeypatch):
+    """Memory linear in the rows (fixed state + activations per row, the common case): from the
+    config's 2 rows the search compiles three batches (the start, the guess, its successor)
+    where doubling and bisection would compile six."""
+    aot = _aot()
+    compiled, brute = _fake_compiles(monkeypatch, MEMORY["linear"])
+    cfg = _config()
+    cfg.train.batch_size = 8
+    best, _, _ = aot.max_batch(cfg, "v5e:2x2", "train", log=lambda *_: None)
+    assert best == brute(MEMORY["linear"]) == 4 and compiled == [2, 4, 5]
+
+
+def test_an_interrupted_max_batch_search_resumes_without_compiling_a_batch_again(monkeypatch):
+    """`tpu_aot.py --max-batch` writes each probe as it is compiled; a search killed half-way
+    and run again compiles only what it had not, and the largest probe that fits becomes the
+    report (with its FLOPs counted), no compile of its own."""
+    aot = _aot()
+    compiled, brute = _fake_compiles(monkeypatch, MEMORY["convex"])
+    cfg = _config()
+    cfg.train.batch_size = 4
+    seen = []
+
+    def stop_after_two(record):
+        seen.append(json.loads(json.dumps(record)))  # what a JSON-lines file would give back
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        aot.max_batch(cfg, "v5e:2x2", "train", on_probe=stop_after_two, log=lambda *_: None)
+    first = list(compiled)
+    r = aot.run(cfg, "v5e:2x2", "train", find_max=True, flops="none", log=lambda *_: None,
+                known_probes={p["batch"]: p for p in seen})
+    again = compiled[len(first):]
+    assert r["max_batch_per_device"] == r["batch_per_device"] == brute(MEMORY["convex"])
+    assert not set(first) & set(again) and len(again) == len(set(again))
+    assert r["model_flops_per_device"] > 0 and [p["batch"] for p in r["max_batch_probes"]] == sorted(first + again)
+
+
+def test_tpu_aot_max_batch_killed_half_way_resumes_from_its_probes_file(monkeypatch, tmp_path):
+    """`benchmarks/tpu_aot.py --rows 7b:s2:v5e:8x8 --max-batch` after the plain row (2 rows per
+    chip), killed at its third compile and started again: the row it writes has the largest
+    batch that fits, and no batch is compiled twice (the plain row's batch included)."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import tpu_aot
+    out = str(tmp_path / "rows.jsonl")
+    run = functools.partial(tpu_aot.measure, ["7b:s2:v5e:8x8"], ["vanilla"], out, "full", (1, -1, 1),
+                            flops="none")
+    plain, _ = _fake_compiles(monkeypatch, MEMORY["concave"], topology="v5e:8x8")
+    run(find_max=False)
+    compiled, _ = _fake_compiles(monkeypatch, MEMORY["concave"], topology="v5e:8x8", killed_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        run(find_max=True)
+    assert len(tpu_aot.done_rows(out)) == 1 and len(compiled) == 2
+    again, brute = _fake_compiles(monkeypatch, MEMORY["concave"], topology="v5e:8x8")
+    run(find_max=True)
+    row = tpu_aot.done_rows(out)[-1]
+    assert row["max_batch_per_device"] == row["batch_per_device"] == brute(MEMORY["concave"])
+    assert plain == [2] and len(set(plain + compiled + again)) == len(plain + compiled + again)
+    run(find_max=True)  # a finished row is not searched again
+    assert len(tpu_aot.done_rows(out)) == 2
 
 
 @pytest.mark.expensive  # minutes of compiles: `pytest -m expensive`, not in CI
