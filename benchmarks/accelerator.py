@@ -58,9 +58,14 @@ from hidrop_jax import generate as gen_lib  # noqa: E402
 from hidrop_jax import perf  # noqa: E402
 from hidrop_jax import train as train_lib  # noqa: E402
 from hidrop_jax.config import make_config, model_config, schedule_of  # noqa: E402
+from hidrop_jax.hidrop.schedule import PRESETS  # noqa: E402
 from hidrop_jax.model import forward, init_params  # noqa: E402
 
 SCHEDULES = ("vanilla", "pdrop", "tok80", "tok64", "tok48")
+DEVICE_SIZES = dict(layers=12, width=2048, vision_layers=24, vision_width=1024, vocab=32064, parity_layers=4,
+                    text_len=128, batch=8, new_tokens=32, repeats=5)
+SMALL_SIZES = dict(layers=4, width=256, vision_layers=2, vision_width=64, vocab=2048, parity_layers=2,
+                   text_len=32, batch=2, new_tokens=16, repeats=3)
 FUSED = {"gpu": "cudnn", "tpu": "pallas"}
 
 
@@ -308,16 +313,9 @@ def table(res) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="the CPU smoke sizes (the default on a CPU)")
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--width", type=int, default=2048)
-    ap.add_argument("--vision-layers", type=int, default=24)
-    ap.add_argument("--vision-width", type=int, default=1024)
-    ap.add_argument("--vocab", type=int, default=32064)
-    ap.add_argument("--parity-layers", type=int, default=4)
-    ap.add_argument("--text-len", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=5)
+    for name in DEVICE_SIZES:  # unset: the device's sizes, or the smoke sizes (--small, any CPU)
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+                        help=f"default {DEVICE_SIZES[name]} ({SMALL_SIZES[name]} with --small)")
     ap.add_argument("--schedules", default=",".join(SCHEDULES))
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="no schedule is started that would end past this many seconds")
@@ -328,14 +326,17 @@ def main(argv=None):
     ap.add_argument("--torch-threads", type=int, default=1, help="PyTorch's CPU threads (CPU runs only)")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
+    unknown = [n for n in a.schedules.split(",") if n not in PRESETS]
+    if unknown:  # before minutes of setup on a lent device
+        ap.error(f"--schedules {a.schedules!r}: {unknown} unknown; allowed: {', '.join(PRESETS)}")
     t_start = time.time()
     dev = jax.devices()[0]
     platform = dev.platform
     host = jax.devices("cpu")[0]
-    if a.small or platform == "cpu":
-        a.small = True
-        a.layers, a.width, a.vision_layers, a.vision_width, a.vocab = 4, 256, 2, 64, 2048
-        a.parity_layers, a.text_len, a.batch, a.new_tokens, a.repeats = 2, 32, 2, 16, 3
+    a.small = a.small or platform == "cpu"
+    for name, value in (SMALL_SIZES if a.small else DEVICE_SIZES).items():
+        if getattr(a, name) is None:  # what the user gave is kept
+            setattr(a, name, value)
     a.dtype = a.dtype or ("float32" if platform == "cpu" else "bfloat16")
     peak = perf.peak_tflops([dev])
     print(f"{dev.device_kind} ({platform}), peak {peak} TFLOP/s; budget {a.budget_s:.0f} s", flush=True)
@@ -358,7 +359,7 @@ def main(argv=None):
     names, rows, last = a.schedules.split(","), [], 0.0
     for i, name in enumerate(names):
         elapsed = time.time() - t_start
-        if elapsed + last > a.budget_s:
+        if i and elapsed + last > a.budget_s:  # the first (the baseline, before PyTorch) always runs
             rows.append(dict(schedule=name, skipped=f"budget: {elapsed:.0f} s spent, the last schedule took "
                                                      f"{last:.0f} s, budget {a.budget_s:.0f} s"))
             print(f"  {name}: {rows[-1]['skipped']}", flush=True)
