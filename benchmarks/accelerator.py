@@ -207,12 +207,11 @@ def measure_schedule(name, a, params, dev, peak) -> dict:
     prefill_s = speed.timed(lambda: fwd(p, one), a.repeats)
     gen = {n: speed.timed(lambda n=n: gen_lib.generate(cfg, p, one, max_new_tokens=n)["tokens"],
                           max(3, a.repeats)) for n in (1, a.new_tokens)}
-    decode_s = max((gen[a.new_tokens] - gen[1]) / (a.new_tokens - 1), 1e-9)
     fig = perf.step_figures(cfg, 1, train_s, peak)
     return dict(schedule=name, mean_vision_tokens=s.mean_tokens(), train_step_s=train_s,
                 train_tokens_per_s=fig["tokens_per_s_per_device"],
                 train_model_tflops_per_s=fig["model_tflops_per_s_per_device"], train_mfu=fig.get("mfu"),
-                prefill_s=prefill_s, decode_tokens_per_s=1.0 / decode_s)
+                prefill_s=prefill_s, decode_tokens_per_s=speed.decode_rate(gen[1], gen[a.new_tokens], a.new_tokens))
 
 
 # ----------------------------------------------------------------------------- 4. PyTorch
@@ -296,13 +295,14 @@ def table(res) -> str:
             f"| {r['schedule']} | {r['mean_vision_tokens']:.0f} | {r['train_step_s']:.4f} "
             f"| {v['train_step_s'] / r['train_step_s']:.2f}× | {r['train_tokens_per_s']:.0f} "
             f"| {r['train_model_tflops_per_s']:.3g} | {mfu} | {r['prefill_s']:.4f} "
-            f"| {v['prefill_s'] / r['prefill_s']:.2f}× | {r['decode_tokens_per_s']:.1f} |")
+            f"| {v['prefill_s'] / r['prefill_s']:.2f}× | {speed.rate(r['decode_tokens_per_s'])} |")
     t = res.get("torch", {})
     if "prefill_s" in t and v:
         lines += ["", f"PyTorch {t['torch_version']} sdpa on {t['device']}: prefill {t['prefill_s']:.4f} s "
                       f"(ours / torch {v['prefill_s'] / t['prefill_s']:.2f}), decode "
                       f"{t['decode_tokens_per_s']:.1f} tok/s (ours / torch "
-                      f"{v['decode_tokens_per_s'] / t['decode_tokens_per_s']:.2f}); prefill logits vs ours "
+                      f"{speed.rate(v['decode_tokens_per_s'] and v['decode_tokens_per_s'] / t['decode_tokens_per_s'], 2)}); "
+                      "prefill logits vs ours "
                       f"{t['prefill_logits_vs_ours']}"]
     for k in ("parity", "fused_attention", "torch"):
         if "skipped" in res.get(k, {}):
@@ -369,7 +369,7 @@ def main(argv=None):
         last = time.time() - t0
         r = rows[-1]
         print(f"  {name}: train {r['train_step_s']:.4f} s, prefill {r['prefill_s']:.4f} s, decode "
-              f"{r['decode_tokens_per_s']:.1f} tok/s ({last:.0f} s)", flush=True)
+              f"{speed.rate(r['decode_tokens_per_s'])} tok/s ({last:.0f} s)", flush=True)
         if i == 0:
             print("4. PyTorch on the same device", flush=True)
             if a.no_torch:

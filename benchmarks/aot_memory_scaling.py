@@ -36,7 +36,8 @@ GIB = 2 ** 30
 
 
 def key(r: dict) -> tuple:
-    return (r["topology"], r["schedule"], r["layers"], r["rows"], r.get("attention") or "xla")
+    # what was compiled (`attention_impl`); rows from before that field were all XLA attention
+    return (r["topology"], r["schedule"], r["layers"], r["rows"], r.get("attention_impl") or r.get("attention") or "xla")
 
 
 def measure(cases, schedules, topology: str, out: str, attention: str = "xla") -> None:
@@ -49,7 +50,7 @@ def measure(cases, schedules, topology: str, out: str, attention: str = "xla") -
             cfg = config("7b", "s2", name)
             cfg.model.text.num_layers = layers
             cfg.train.batch_size = rows * chips
-            cfg.model.attention_impl = None if attention == "xla" else attention
+            cfg.model.attention_impl = attention  # never None: that is the TPU default, the kernel
             t0 = time.time()
             r = aot.run(cfg, topology, "train", flops="none", log=lambda s: print(s, flush=True),
                         retry_oom=False)
@@ -66,7 +67,7 @@ def table(path: str) -> str:
     for r in rows:
         b = r["bytes_per_device"] or {}
         g = lambda k: f"{b[k] / GIB:.2f} GiB" if k in b else "—"  # noqa: E731
-        lines.append(f"| {r['topology']} | {r['schedule']} | {r.get('attention') or 'xla'} | {r['layers']} | {r['rows']} | {g('argument')} "
+        lines.append(f"| {r['topology']} | {r['schedule']} | {key(r)[4]} | {r['layers']} | {r['rows']} | {g('argument')} "
                      f"| {g('temp')} | {g('total')} | {r['compile_s']:.0f} |")
     return "\n".join(lines)
 

@@ -128,6 +128,16 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(ts)
 
 
+def decode_rate(t_one: float, t_n: float, n: int):
+    """Greedy tokens/s from the times of generating 1 and n tokens (the prefill cancels), or None
+    where t_n ≤ t_one: the decode is below the timer's noise at this size (raise --new-tokens)."""
+    return (n - 1) / (t_n - t_one) if t_n > t_one else None
+
+
+def rate(x, digits: int = 1) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
 def measure_schedule(name: str, params, a) -> dict:
     from hidrop_jax import generate as gen
     from hidrop_jax import train as train_lib
@@ -156,12 +166,11 @@ def measure_schedule(name: str, params, a) -> dict:
     serial_s = timed(lambda: llm(params, one, jax.block_until_ready(vis(params, one.pixels))), a.repeats)
     gen_s = {n: timed(lambda: gen.generate(cfg, params, one, max_new_tokens=n)["tokens"],
                       max(1, a.repeats // 2)) for n in (1, a.new_tokens)}
-    decode_s = (gen_s[a.new_tokens] - gen_s[1]) / (a.new_tokens - 1)  # per token, prefill excluded
     return dict(
         schedule=name, mean_vision_tokens=s.mean_tokens(), train_step_s=train_s, grad_s=grad_s,
         prefill_s=prefill_s, prefill_serial_s=serial_s,
         prefill_gflops={k or "params": v / 1e9 for k, v in branch.items()},
-        decode_tokens_per_s=1.0 / max(decode_s, 1e-9),
+        decode_tokens_per_s=decode_rate(gen_s[1], gen_s[a.new_tokens], a.new_tokens),
         peak_memory_mib=None if ma is None else (ma.temp_size_in_bytes + ma.argument_size_in_bytes) / 2**20,
         temp_memory_mib=None if ma is None else ma.temp_size_in_bytes / 2**20,
         predicted_macs=_predicted_macs(cfg, s, a.text_len),
@@ -283,7 +292,7 @@ def table(res: dict) -> str:
             f"| {r['schedule']} | {r['prefill_s']:.4f} | {ratio('prefill_s', r):.2f}× | {pred:.2f}× "
             f"| {ratio('prefill_s', r) / pred:.2f} | {r['prefill_serial_s']:.4f} "
             f"| {r['prefill_serial_s'] / r['prefill_s']:.2f} | {g.get('text', 0):.2f} "
-            f"| {g.get('image', 0):.2f} | {g.get('image+text', 0):.2f} | {r['decode_tokens_per_s']:.1f} |")
+            f"| {g.get('image', 0):.2f} | {g.get('image+text', 0):.2f} | {rate(r['decode_tokens_per_s'])} |")
     t = res.get("torch")
     if t:
         lines += ["", f"vanilla prefill, ours {t['ours_prefill_s']:.4f} s vs PyTorch {t['torch_prefill_s']:.4f} s "
