@@ -35,6 +35,9 @@ Reported per device (JSON, field names stable):
                     modelled, so it is a lower bound.
   est_mfu           model FLOPs (analytic, `perf.model_flops`: no remat, 3× the forward of
                     every trained part when training) per device / (est_step_s × peak).
+With --max-batch the report is that of the largest batch that fits (`max_batch`), plus
+  max_batch_per_device   that batch (0: not even one row fits; the report is then batch 1's)
+  max_batch_probes       every batch compiled on the way: fits, compile_s, temp and fixed bytes
 The chip table (peak bf16, HBM, bandwidth) is `hidrop_jax.perf.CHIPS`, which the trainer's MFU
 also reads.
 """
