@@ -15,9 +15,11 @@ is `train.batch_size` global rows of `data.max_len` text rows (+ one image each)
 Reported per device (JSON, field names stable):
   bytes_per_device  argument / output / temp / alias bytes from the compiler's memory analysis;
                     total = argument + output + temp − alias (donated state is counted once)
-  fits              the compiler's own verdict: it compiled within the chip's HBM. A program
-                    that does not fit is compiled again with `xla_tpu_no_crash_on_oom` to get
-                    its figures.
+  fits              the compiler compiled it within the chip's HBM (`compiler_fits`) and the
+                    total is within `hbm_bytes_per_device`: libtpu accepted a v5e program
+                    whose total was 16.14 GiB of the chip's 16 (7B stage 2, 9 rows per chip),
+                    so its verdict alone is not taken. A program that does not fit is
+                    compiled again with `xla_tpu_no_crash_on_oom` to get its figures.
   attention_impl    the attention that was compiled (`model.attention_impl`; None resolves to
                     the TPU default, the Pallas flash kernel).
   flops_per_device  the FLOPs of the program with every layer scan unrolled (`model.scan_unroll`;
@@ -327,7 +329,7 @@ def report(cfg, topology: str, program_name: str, *, max_new_tokens: int = 32,
                     mesh=dict(mesh.shape), program=program_name, schedule=cfg.hidrop.name, attention_impl=attn,
                     batch_per_device=cfg.train.batch_size // dp, max_len=cfg.data.max_len,
                     remat=cfg.model.remat, dtype=cfg.model.dtype, trainable=cfg.train.trainable,
-                    bytes_per_device=None, hbm_bytes_per_device=spec.hbm_bytes, fits=False,
+                    bytes_per_device=None, hbm_bytes_per_device=spec.hbm_bytes, fits=False, compiler_fits=False,
                     compile_s=round(compile_s, 2), flops_per_device=None, bytes_accessed_per_device=None,
                     est_step_s=None, est_mfu=None, oom=dict(LAST_OOM),
                     model_flops_per_device=model_flops(cfg, program_name, max_new_tokens) / len(devices))
@@ -337,8 +339,9 @@ def report(cfg, topology: str, program_name: str, *, max_new_tokens: int = 32,
                attention_impl=attn,
                batch_per_device=cfg.train.batch_size // dp, max_len=cfg.data.max_len,
                remat=cfg.model.remat, dtype=cfg.model.dtype, trainable=cfg.train.trainable,
-               bytes_per_device=mem, hbm_bytes_per_device=spec.hbm_bytes, fits=fits,
+               bytes_per_device=mem, hbm_bytes_per_device=spec.hbm_bytes, compiler_fits=fits,
                compile_s=round(compile_s, 2))
+    out["fits"] = fits_hbm(out)
     if program_name == "generate":
         out["max_new_tokens"] = max_new_tokens
     out.update(flops_fields(cfg, mesh, program_name, max_new_tokens, flops, spec))
@@ -375,11 +378,25 @@ def next_batch(probes: dict, lo: int, hi, hbm: int, limit: int, guess: bool = Tr
     return min(max(g, lo + 1), top - 1)
 
 
+def fits_hbm(r: dict) -> bool:
+    """A report's `fits` (module docstring): the compiler's verdict and the total within HBM
+    (reports from before `compiler_fits` existed kept the verdict in `fits`)."""
+    mem = r["bytes_per_device"]
+    return (bool(r["compiler_fits"] if "compiler_fits" in r else r["fits"]) and mem is not None
+            and mem["total"] <= r["hbm_bytes_per_device"])
+
+
+def verdict(r: dict) -> str:
+    if r["fits"]:
+        return "fits"
+    return "does not fit" + (" (the compiler accepted it)" if r.get("compiler_fits") else "")
+
+
 def probe_record(r: dict) -> dict:
     """A compiled report as one probe of `max_batch`: its batch, verdict and memory (temporaries
     from the compiler's message where it did not fit)."""
     mem = r["bytes_per_device"]
-    return dict(batch=r["batch_per_device"], fits=r["fits"], compile_s=r["compile_s"],
+    return dict(batch=r["batch_per_device"], fits=fits_hbm(r), compile_s=r["compile_s"],
                 temp=mem["temp"] if mem else (r.get("oom") or {}).get("required_bytes"),
                 fixed=mem["total"] - mem["temp"] if mem else None, report=r)
 
@@ -406,7 +423,7 @@ def max_batch(cfg, topology: str, program_name: str, *, max_new_tokens: int = 32
             probes[b] = probe_record(r)
             if on_probe:
                 on_probe(probes[b])
-            log(f"  batch/device {b}: {'fits' if r['fits'] else 'does not fit'} ({r['compile_s']:.1f} s)")
+            log(f"  batch/device {b}: {verdict(r)} ({r['compile_s']:.1f} s)")
 
     def bracket():  # (largest batch that fits below the smallest that does not, that one or None)
         hi = min((b for b, p in probes.items() if not p["fits"]), default=None)
@@ -460,7 +477,7 @@ def summary(r: dict) -> str:
                 + r["oom"]["message"].splitlines()[0][:300])
     s = (f"{r['program']} {r['schedule']} on {r['topology']} ({r['devices']} × {r['device_kind']}), mesh "
          f"{r['mesh']}, batch/device {r['batch_per_device']}: total {g(m['total'])} of {g(r['hbm_bytes_per_device'])} "
-         f"HBM ({'fits' if r['fits'] else 'DOES NOT FIT'}; argument {g(m['argument'])}, output "
+         f"HBM ({verdict(r)}; argument {g(m['argument'])}, output "
          f"{g(m['output'])}, temp {g(m['temp'])}, alias {g(m['alias'])}), compiled in {r['compile_s']} s")
     if r.get("flops_per_device") is not None:
         s += (f"; {r['flops_per_device'] / 1e12:.2f} TFLOP/device, est. step {r['est_step_s'] * 1e3:.1f} ms, "

@@ -176,6 +176,20 @@ def test_max_batch_fits_and_the_next_does_not():
     assert best >= 1 and seen[best] and not seen[best + 1], probes
 
 
+def test_a_program_the_compiler_accepts_past_the_chips_hbm_does_not_fit(monkeypatch):
+    """libtpu accepted 7B stage 2 at 9 rows per v5e chip with a total of 16.14 GiB of 16: `fits`
+    needs the compiler's verdict and the total within HBM; the verdict is kept beside it."""
+    aot = _aot()
+    hbm = aot.device_spec(*aot.topology_devices("v5e:2x2")).hbm_bytes
+    for total, fits in ((hbm + 2 ** 20, False), (hbm, True)):
+        mem = dict(argument=2 ** 30, output=0, temp=total - 2 ** 30, alias=0, total=total, code=0)
+        monkeypatch.setattr(aot, "compile_program", lambda fn, args, **_: (object(), True, 1.0))
+        monkeypatch.setattr(aot, "memory", lambda compiled, mem=mem: mem)
+        r = aot.report(_config(), "v5e:2x2", "train", flops="none")
+        assert r["compiler_fits"] and r["fits"] is fits and aot.probe_record(r)["fits"] is fits
+        assert ("accepted" in aot.summary(r)) is not fits
+
+
 GB = 10 ** 9
 MEMORY = {  # temporaries per chip (bytes) against rows per chip, as a compiler might grow them
     "linear": lambda b: 3.6 * GB * b,
