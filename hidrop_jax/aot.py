@@ -367,7 +367,8 @@ def next_batch(probes: dict, lo: int, hi, hbm: int, limit: int, guess: bool = Tr
     pts = sorted((b, p["temp"]) for b, p in probes.items() if p.get("temp"))
     near = [x for x in pts if x[0] in (lo, hi)]
     pts = near if len(near) == 2 else pts[-2:]
-    fixed = next((p["fixed"] for p in probes.values() if p.get("fixed") is not None), 0)
+    fixed = next((probes[b]["fixed"] for b in sorted(probes, reverse=True)  # the largest batch's
+                  if probes[b].get("fixed") is not None), 0)
     if guess and pts:
         (b1, t1), (b2, t2) = ((0, 0), pts[0]) if len(pts) == 1 else pts
         slope = (t2 - t1) / (b2 - b1)
@@ -408,15 +409,16 @@ def max_batch(cfg, topology: str, program_name: str, *, max_new_tokens: int = 32
     (`next_batch`; 3 compiles where memory is linear in the rows, against 6 for doubling and
     bisection from 1). Three guesses running that fail to halve the bracket (or, unbounded, to
     double the largest fit) give way to one doubling or bisection, and the answer is exact
-    whatever the compiler does: the largest batch that fits, its successor compiled and over HBM. `known`: probes from an earlier, interrupted search
-    ({batch: record}), not compiled again; `on_probe(record)` is told each new one.
+    whatever the compiler does: the largest batch that fits, its successor compiled and over
+    HBM. `known`: probes from an earlier, interrupted search ({batch: record}), not compiled
+    again; `on_probe(record)` is told each new one.
     -> (best or 0, [records without their reports], the best batch's report or None)."""
     chip, devices = topology_devices(topology)
     dp = data_parallel(topology_mesh(cfg, devices))
     hbm = device_spec(chip, devices).hbm_bytes
     probes = {int(b): r for b, r in (known or {}).items()}
 
-    def fits(b):
+    def probe(b):
         if b not in probes:
             r = report(with_batch(cfg, b, dp), topology, program_name, max_new_tokens=max_new_tokens,
                        flops="none", chip_devices=(chip, devices), retry_oom=False)
@@ -434,7 +436,7 @@ def max_batch(cfg, topology: str, program_name: str, *, max_new_tokens: int = 32
     slow = 0
     while not ((hi is not None and hi - lo <= 1) or (hi is None and lo >= limit)):
         width, lo0 = (None if hi is None else hi - lo), lo
-        fits(b if b is not None else next_batch(probes, lo, hi, hbm, limit, guess=slow < 3))
+        probe(b if b is not None else next_batch(probes, lo, hi, hbm, limit, guess=slow < 3))
         lo, hi = bracket()
         halved = (hi - lo <= width / 2) if width is not None else (hi is not None or lo >= 2 * max(lo0, 1))
         slow, b = (0 if halved else slow + 1), None
