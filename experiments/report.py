@@ -159,16 +159,21 @@ def table_md(setup, data, table, seeds, vanilla, eval_s, only_group=None) -> lis
     return lines
 
 
+def other_budget_lines(setup, table: str) -> list:
+    """`table`'s finished lines of the same config and sets at another number of steps."""
+    from experiments.run import read_lines
+    return [r for r in read_lines(setup.results / f"{table}.jsonl")
+            if r.get("config") == setup.config and r.get("sets", []) == setup.sets
+            and r.get("steps") != setup.steps and "error" not in r]
+
+
 def other_budgets_md(setup, data) -> list:
     """Rows that also ran at another number of steps (same config, sets and seeds), seed by seed
     beside this budget's line, and each one's paired gap to vanilla per budget: whether a
     difference is the method's or the budget's."""
-    from experiments.run import read_lines
     out = []
     for table in TABLES:
-        other = [r for r in read_lines(setup.results / f"{table}.jsonl")
-                 if r.get("config") == setup.config and r.get("sets", []) == setup.sets
-                 and r.get("steps") != setup.steps and "error" not in r]
+        other = other_budget_lines(setup, table)
         by = {(r["row"], r["seed"], r["steps"]): r for r in other}
         by.update({(n, s, setup.steps): r for n, e in data[table].items()
                    for s, r in e["lines"].items() if "error" not in r})
@@ -246,7 +251,23 @@ def _cmp(d, what: str):
     return sign, f"{what}: {100 * m:+.1f} points ± {100 * se:.1f} (SE, {n} seeds)"
 
 
-def verdicts(data, vanilla_acc) -> list:
+def budget_gaps(row: str, other: list) -> str:
+    """'; at N steps: row − vanilla ±x points (k seeds)' for each other budget where both ran
+    with a common seed: whether a gap at this budget survives a longer (or shorter) training."""
+    by = {(r["row"], r["seed"], r["steps"]): r["accuracy"] for r in other}
+    txt = ""
+    for steps in sorted({st for (_, _, st) in by}):
+        seeds = [sd for (n, sd, st) in by if n == row and st == steps and ("vanilla", sd, st) in by]
+        if seeds:
+            gap = statistics.fmean(by[(row, sd, steps)] - by[("vanilla", sd, steps)] for sd in seeds)
+            txt += (f"; at {steps} steps: {row} − vanilla {100 * gap:+.1f} points ({len(seeds)} "
+                    f"seed{'s' * (len(seeds) > 1)}, \"Other budgets\")")
+    return txt
+
+
+def verdicts(data, vanilla_acc, other=()) -> list:
+    """The claims' verdicts at this budget; `other`: the methods' lines at other budgets, quoted
+    beside the retention claims (`budget_gaps`), never part of a verdict."""
     M, A = data["methods"], data["ablations"]
     acc = lambda t, r: acc_by_seed(t[r]) if r in t else {}  # noqa: E731
     out = []
@@ -265,7 +286,7 @@ def verdicts(data, vanilla_acc) -> list:
                 verdict = "holds, but disagrees in direction: HiDrop is *above* vanilla here, not a small cost"
         else:
             verdict = "does not hold"
-        out.append((f"HiDrop {r.capitalize()} keeps {paper}% of vanilla", verdict, txt + rtxt))
+        out.append((f"HiDrop {r.capitalize()} keeps {paper}% of vanilla", verdict, txt + rtxt + budget_gaps(r, other)))
     # 2. vs PyramidDrop and FastV at equal mean tokens
     parts, signs = [], []
     for other in ("pdrop_matched", "fastv_matched"):
@@ -424,7 +445,7 @@ def write_report(setup, out: Path, seeds) -> Path:
         "| claim (paper) | verdict | evidence |",
         "|---|---|---|",
     ]
-    for claim, v, ev in verdicts(data, vanilla):
+    for claim, v, ev in verdicts(data, vanilla, other_budget_lines(setup, "methods")):
         L.append(f"| {claim} | **{v}** | {ev} |")
     L += ["", "Scale caveats: " + scale_notes(data), ""]
     L += other_budgets_md(setup, data)

@@ -251,7 +251,8 @@ def test_verdicts_follow_the_numbers(tmp_path):
 
 def test_other_budgets_sit_beside_this_one_with_their_own_vanilla_gap(tmp_path):
     """A row that also ran at twice the steps is listed seed by seed under both budgets, its gap
-    taken against vanilla of the same budget (not this budget's vanilla); other configs stay out."""
+    taken against vanilla of the same budget (not this budget's vanilla); other configs stay out;
+    the retention claim quotes that gap."""
     from experiments.report import write_report
     from experiments.run import Setup, append_line
     short, long_ = (Setup("configs/tiny_shapes.py", n, [], tmp_path) for n in (2, 4))
@@ -268,6 +269,9 @@ def test_other_budgets_sit_beside_this_one_with_their_own_vanilla_gap(tmp_path):
     rows = {tuple(c.strip() for c in l.split("|")[1:6]) for l in section.splitlines() if l.startswith("| methods/")}
     assert rows == {("methods/tok64", "0", "2", "0.460", "+6.0"), ("methods/tok64", "0", "4", "0.520", "-3.0"),
                     ("methods/vanilla", "0", "2", "0.400", "+0.0"), ("methods/vanilla", "0", "4", "0.550", "+0.0")}
+    # the retention verdict quotes the longer budget's gap beside its own evidence
+    tok64_claim = next(l for l in md.splitlines() if l.startswith("| HiDrop Tok64 keeps"))
+    assert "at 4 steps: tok64 − vanilla -3.0 points (1 seed" in tok64_claim
 
 
 def test_scale_notes_tell_types_nobody_reads_from_types_only_vanilla_misses(tmp_path):
