@@ -265,8 +265,8 @@ def budget_gaps(row: str, other: list) -> str:
     return txt
 
 
-def verdicts(data, vanilla_acc, other=()) -> list:
-    """The claims' verdicts at this budget; `other`: the methods' lines at other budgets, quoted
+def verdicts(data, vanilla_acc, other_budgets=()) -> list:
+    """The claims' verdicts at this budget; `other_budgets`: the methods' lines at other budgets, quoted
     beside the retention claims (`budget_gaps`), never part of a verdict."""
     M, A = data["methods"], data["ablations"]
     acc = lambda t, r: acc_by_seed(t[r]) if r in t else {}  # noqa: E731
@@ -286,7 +286,7 @@ def verdicts(data, vanilla_acc, other=()) -> list:
                 verdict = "holds, but disagrees in direction: HiDrop is *above* vanilla here, not a small cost"
         else:
             verdict = "does not hold"
-        out.append((f"HiDrop {r.capitalize()} keeps {paper}% of vanilla", verdict, txt + rtxt + budget_gaps(r, other)))
+        out.append((f"HiDrop {r.capitalize()} keeps {paper}% of vanilla", verdict, txt + rtxt + budget_gaps(r, other_budgets)))
     # 2. vs PyramidDrop and FastV at equal mean tokens
     parts, signs = [], []
     for other in ("pdrop_matched", "fastv_matched"):
