@@ -73,7 +73,7 @@ def probes_of(out: str, k: tuple):
     -> (the probes of row `k` compiled before, the callback that appends a new one)."""
     path = out[:-len(".jsonl")] + "_probes.jsonl" if out.endswith(".jsonl") else out + ".probes"
     tag = json.loads(json.dumps(k))
-    plain = k[:6] + (False,) + k[7:]
+    plain = k[:6] + (False,) + k[7:]  # the same row without --max-batch (`key`'s 7th field)
     known = {r["batch_per_device"]: aot.probe_record(r) for r in done_rows(out) if key(r) == plain}
     # each verdict taken again from its report (`aot.fits_hbm`: the rule may have changed since)
     known.update((p["batch"], aot.probe_record(p["report"])) for p in done_rows(path) if p.get("key") == tag)
@@ -161,7 +161,7 @@ def table(path: str) -> str:
             f"| {r['model']} | {r['stage']} | {r['topology']} | {mesh} | {r['remat']} "
             f"| {r.get('attention_impl', 'xla')} | {r['schedule']} "
             f"| {r['batch_per_device']} | {temp} | {total} | {g(r['hbm_bytes_per_device'])} "
-            f"| {'yes' if r['bytes_per_device'] and aot.fits_hbm(r) else 'no'} | {r.get('max_batch_per_device', '—')} "
+            f"| {'yes' if aot.fits_hbm(r) else 'no'} | {r.get('max_batch_per_device', '—')} "
             f"| {'—' if step is None else f'{step:.3f}'} | {ratio} | {fr} "
             f"| {mfu} | {r['compile_s']:.0f} |")
     return "\n".join(lines)
