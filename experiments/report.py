@@ -383,7 +383,7 @@ def write_report(setup, out: Path, seeds) -> Path:
         "last checkpoint; safe to stop with SIGTERM or a kill at any time):",
         "",
         "```bash",
-        "setsid nohup nice -n 10 experiments/queue.sh > experiments/queue.log 2>&1 &   # every unit, most informative first",
+        "setsid nohup nice -n 10 experiments/queue.sh > experiments/queue.log 2>&1 &   # every unit, most informative first, two at a time (WORKERS=2)",
         f"nohup .venv/bin/python experiments/run.py --table methods --steps {setup.steps} > experiments/methods.log 2>&1 &  # or one table, seeds outermost",
         f".venv/bin/python experiments/run.py --report --steps {setup.steps}   # this file",
         "```",

@@ -70,19 +70,27 @@ def test_sweeps_move_one_layer_and_keep_the_rest():
 
 # ----------------------------------------------------------------------------- the runner
 
+def _queue(tmp_path, workers):
+    """experiments/queue.sh run with a stand-in interpreter that records its arguments: the
+    run.py calls, one argument list per line (workers write in any order)."""
+    log = tmp_path / f"calls{workers}"
+    fake = tmp_path / "py"
+    fake.write_text('#!/bin/sh\necho "$@" >> "$CALLS"\n')
+    fake.chmod(0o755)
+    r = subprocess.run(["bash", str(ROOT / "experiments" / "queue.sh")], capture_output=True, text=True,
+                       env=dict(os.environ, PY=str(fake), ROOT_DIR=str(tmp_path), CALLS=str(log),
+                                WORKERS=str(workers)), timeout=60)
+    assert r.returncode == 0 and "failed" not in r.stdout, r.stdout + r.stderr
+    return log.read_text().splitlines()
+
+
 def test_queue_covers_every_unit_headline_seeds_first(tmp_path):
     """experiments/queue.sh (what a later session restarts) asks for every (table, row, seed) of
     the default 8-layer config, each row by a name its table has, vanilla's and Tok64's seeds 1
-    and 2 before any other row. Run with a stand-in interpreter that records its arguments."""
-    log = tmp_path / "calls"
-    fake = tmp_path / "py"
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
-    fake.chmod(0o755)
-    r = subprocess.run(["bash", str(ROOT / "experiments" / "queue.sh")], capture_output=True, text=True,
-                       env=dict(os.environ, PY=str(fake), ROOT_DIR=str(tmp_path)), timeout=60)
-    assert r.returncode == 0 and "failed" not in r.stdout, r.stdout + r.stderr
+    and 2 before any other row."""
+    calls = _queue(tmp_path, 1)
     asked = []
-    for line in log.read_text().splitlines():
+    for line in calls:
         a = line.split()
         assert a[0] == "experiments/run.py" and a[a.index("--root") + 1] == str(tmp_path)
         table, rows, seed = a[a.index("--table") + 1], a[a.index("--rows") + 1], int(a[a.index("--seeds") + 1])
@@ -94,9 +102,21 @@ def test_queue_covers_every_unit_headline_seeds_first(tmp_path):
     assert set(asked) == want
     first_other = min(i for i, (t, row, _) in enumerate(asked) if row not in ("vanilla", "fastv_free", "tok64"))
     assert {("methods", x, s) for x in ("vanilla", "tok64") for s in (1, 2)} <= set(asked[:first_other])
-    longer = [l.split() for l in log.read_text().splitlines() if "--steps" in l]
+    longer = [l.split() for l in calls if "--steps" in l]
     assert sorted((a[a.index("--rows") + 1], a[a.index("--steps") + 1]) for a in longer) == [
         ("tok64", "4500"), ("vanilla", "4500")]  # the budget check of the headline pair
+
+
+def test_queue_workers_share_the_units_once_each(tmp_path):
+    """WORKERS=k runs k shares of the same calls: together exactly the one-worker queue's, none
+    twice, none lost; a WORKERS that is not a whole number >= 1 is refused by name."""
+    one = sorted(_queue(tmp_path, 1))
+    for k in (2, 3):
+        assert sorted(_queue(tmp_path, k)) == one
+    for bad in ("0", "two", "-1"):
+        r = subprocess.run(["bash", str(ROOT / "experiments" / "queue.sh")], capture_output=True, text=True,
+                           env=dict(os.environ, PY="/bin/false", ROOT_DIR=str(tmp_path), WORKERS=bad), timeout=60)
+        assert r.returncode == 2 and f"WORKERS={bad};" in r.stderr, (bad, r.stderr)
 
 
 def _run(root, *args, steps=2, timeout=900, **kw):
