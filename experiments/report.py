@@ -447,7 +447,7 @@ def write_report(setup, out: Path, seeds) -> Path:
     ]
     for claim, v, ev in verdicts(data, vanilla, other_budget_lines(setup, "methods")):
         L.append(f"| {claim} | **{v}** | {ev} |")
-    L += ["", "Scale caveats: " + scale_notes(data), ""]
+    L += ["", "Scale caveats: " + scale_notes(data, other_budget_lines(setup, "methods")), ""]
     L += other_budgets_md(setup, data)
     if timing:
         # Each pass times vanilla beside the schedules it adds; the machine's load differs between
@@ -471,10 +471,26 @@ def write_report(setup, out: Path, seeds) -> Path:
     return out
 
 
-def scale_notes(data) -> str:
+def types_at_other_budgets(q: str, rows, other) -> str:
+    """'; at N steps: vanilla 0.19, tok64 0.61 (k seeds)': question type `q` of vanilla and `rows`
+    at each other budget where vanilla and one of them ran (does more training close it?)."""
+    txt = ""
+    for steps in sorted({r["steps"] for r in other}):
+        xs = {row: [r["per_type"][q] for r in other if (r["row"], r["steps"]) == (row, steps)
+                    and r.get("per_type", {}).get(q) is not None] for row in ("vanilla", *rows)}
+        xs = {row: v for row, v in xs.items() if v}
+        if "vanilla" in xs and len(xs) > 1:
+            n = len(xs["vanilla"])
+            txt += (f"; at {steps} steps: " + ", ".join(f"{row} {statistics.fmean(v):.2f}" for row, v in xs.items())
+                    + f" ({n} seed{'s' * (n > 1)})")
+    return txt
+
+
+def scale_notes(data, other=()) -> str:
     """Which question types vanilla leaves at chance, and whether any method leaves it there: a
     type at chance for every row cannot separate the methods; one only vanilla fails is where a
-    method's lead over vanilla comes from."""
+    method's lead over vanilla comes from. `other`: the methods' lines at other budgets, whose
+    figures for such a type are quoted beside it."""
     def type_mean(entry, q):
         return _mean_std([r["per_type"][q] for r in entry["lines"].values()
                           if "error" not in r and r["per_type"].get(q) is not None])[0]
@@ -492,7 +508,8 @@ def scale_notes(data) -> str:
         above = {row: v for row, v in above.items() if v is not None and v > max(c + 0.05, m + 0.03)}
         if above:
             separating.append(f"{q} (vanilla {m:.2f}, chance {c:.2f}; above it: "
-                              + ", ".join(f"{row} {v:.2f}" for row, v in above.items()) + ")")
+                              + ", ".join(f"{row} {v:.2f}" for row, v in above.items())
+                              + types_at_other_budgets(q, above, other) + ")")
         else:
             at_chance.append(f"{q} {m:.2f} (chance {c:.2f})")
     if not at_chance and not separating:
@@ -501,7 +518,8 @@ def scale_notes(data) -> str:
     if separating:
         notes.append("vanilla stays at chance where other rows leave it, on " + "; ".join(separating)
                      + ": this is where their lead over vanilla comes from (at this budget vanilla "
-                     "training has not learned to read these facts from the vision tokens)")
+                     "training has not learned to read these facts from the vision tokens; a longer "
+                     "budget's figures, where one ran, follow each type)")
     if at_chance:
         notes.append("every method stays at chance on " + ", ".join(at_chance)
                      + ": these question types cannot separate the methods at this budget")

@@ -297,7 +297,8 @@ def test_other_budgets_sit_beside_this_one_with_their_own_vanilla_gap(tmp_path):
 def test_scale_notes_tell_types_nobody_reads_from_types_only_vanilla_misses(tmp_path):
     """Vanilla at chance on colour and exist; Tok64 far above chance on colour only: colour is
     named as the source of Tok64's lead, exist as unable to separate the methods, shape (where
-    vanilla reads the image) in neither list."""
+    vanilla reads the image) in neither list. A longer budget's colour figures (two seeds) are
+    quoted beside colour, its mean per row."""
     from experiments.report import scale_notes
     from experiments.run import Setup, append_line, read_lines
     setup = Setup("configs/tiny_shapes.py", 2, [], tmp_path)
@@ -309,9 +310,13 @@ def test_scale_notes_tell_types_nobody_reads_from_types_only_vanilla_misses(tmp_
                 per_type={q: a + w for q, a in per_type.items()}))
     lines = read_lines(setup.results / "methods.jsonl")
     data = {"methods": {row: {"lines": {r["seed"]: r for r in lines if r["row"] == row}} for row in types}}
-    note = scale_notes(data)
+    longer = [dict(row=row, seed=seed, steps=6, per_type={"color": c + 0.02 * seed})
+              for row, c in (("vanilla", 0.18), ("tok64", 0.60)) for seed in (0, 1)]
+    note = scale_notes(data, longer)
     lead, nobody = note.split("every method stays at chance on ")
     assert "color (vanilla 0.17" in lead and "tok64 0.40" in lead and "exist" not in lead
+    assert "tok64 0.40; at 6 steps: vanilla 0.19, tok64 0.61 (2 seeds))" in lead
+    assert "at 6 steps" not in scale_notes(data)
     assert nobody.startswith("exist 0.50") and "color" not in nobody and "shape" not in note
 
 
