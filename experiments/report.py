@@ -480,9 +480,11 @@ def types_at_other_budgets(q: str, rows, other) -> str:
                     and r.get("per_type", {}).get(q) is not None] for row in ("vanilla", *rows)}
         xs = {row: v for row, v in xs.items() if v}
         if "vanilla" in xs and len(xs) > 1:
-            n = len(xs["vanilla"])
+            ns = {len(v) for v in xs.values()}
+            seeds = (f"{min(ns)} seed{'s' * (min(ns) > 1)}" if len(ns) == 1 else
+                     "seeds: " + ", ".join(f"{row} {len(v)}" for row, v in xs.items()))
             txt += (f"; at {steps} steps: " + ", ".join(f"{row} {statistics.fmean(v):.2f}" for row, v in xs.items())
-                    + f" ({n} seed{'s' * (n > 1)})")
+                    + f" ({seeds})")
     return txt
 
 

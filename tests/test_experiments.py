@@ -317,6 +317,7 @@ def test_scale_notes_tell_types_nobody_reads_from_types_only_vanilla_misses(tmp_
     assert "color (vanilla 0.17" in lead and "tok64 0.40" in lead and "exist" not in lead
     assert "tok64 0.40; at 6 steps: vanilla 0.19, tok64 0.61 (2 seeds))" in lead
     assert "at 6 steps" not in scale_notes(data)
+    assert "(seeds: vanilla 2, tok64 1)" in scale_notes(data, longer[:3])  # unequal seed counts are named
     assert nobody.startswith("exist 0.50") and "color" not in nobody and "shape" not in note
 
 
