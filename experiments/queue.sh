@@ -9,7 +9,7 @@
 # Stop: kill -TERM -- -<its process group> (the trainer saves its step first).
 # WORKERS (default 2) units run at once, unit i on worker i mod WORKERS: one tiny trainer does
 # not keep two cores busy, and two at a time did 1.5x the training steps per hour of one here
-# (2026-12-07: Tok64 2.7 + relaxed 2.4 steps/s side by side; alone 4.4 and ~2.8).
+# (2026-12-07: Tok64 2.7 + relaxed 2.4 steps/s side by side; alone 4.4 measured, ~2.8 estimated).
 # A unit that needs another's model (a training-free row, the proposal) waits on its lock.
 set -uo pipefail
 # Started with setsid, this is a session of its own, and Linux shares the CPU between sessions'

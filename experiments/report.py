@@ -445,9 +445,10 @@ def write_report(setup, out: Path, seeds) -> Path:
         "| claim (paper) | verdict | evidence |",
         "|---|---|---|",
     ]
-    for claim, v, ev in verdicts(data, vanilla, other_budget_lines(setup, "methods")):
+    other = other_budget_lines(setup, "methods")
+    for claim, v, ev in verdicts(data, vanilla, other):
         L.append(f"| {claim} | **{v}** | {ev} |")
-    L += ["", "Scale caveats: " + scale_notes(data, other_budget_lines(setup, "methods")), ""]
+    L += ["", "Scale caveats: " + scale_notes(data, other), ""]
     L += other_budgets_md(setup, data)
     if timing:
         # Each pass times vanilla beside the schedules it adds; the machine's load differs between
