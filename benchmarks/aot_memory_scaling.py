@@ -10,8 +10,10 @@ Depth changes only the number of decoder layers (the presets re-scale to it: Tok
 injects at 2 and cuts after 2, 3, 4, exit 6); rows per chip change the global batch (rows ×
 chips). A full 7B compile takes 20-30 min on 2 cores, a 4- or 8-layer one 3-7 min, so the
 slopes (per layer, per row) come from here and are checked against the full-depth rows of
-`tpu_aot.jsonl`. Depth 2 is not used for slopes: a one-layer scan compiles differently. One JSON
-line per case; finished cases are skipped.
+`tpu_aot.jsonl`. One JSON line per case; finished cases are skipped. Rows compiled before the
+one-layer remat fix (`layers.common.stacked`, 2026-12-07) are in
+`aot_memory_scaling_before_remat_fix.jsonl`: they overstate what HiDrop's one-layer segments
+(and vanilla's injection layer) hold, which is also why depth 2 "compiled differently" then.
 """
 
 from __future__ import annotations

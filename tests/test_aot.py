@@ -6,7 +6,8 @@ state we think we hold (checked against an analytic count: Adam's two moments pe
 parameter); XLA's FLOPs order two schedules differently from the analytic formula; a bigger
 batch does not need more temporaries; `--max-batch` returns a batch that does not fit or one
 whose successor also fits; the 7B stage-2 program "fits" 4 v5e chips (16 GiB each: it cannot);
-bad topologies and meshes fail without a one-line reason.
+bad topologies and meshes fail without a one-line reason; a one-layer segment under full remat
+keeps its activations for the backward (XLA unrolls its scan and merges the recompute away).
 """
 
 import functools
