@@ -317,7 +317,7 @@ def test_one_layer_segments_under_full_remat_hold_less_than_without_remat():
     without remat (measured: 27 MiB against 75)."""
     import jax
     import jax.numpy as jnp
-    from hidrop_jax.layers.common import stacked
+    from hidrop_jax.layers.common import slice_layers, stacked
     from hidrop_jax.layers.llama import DecoderLayer, TextDims
     from hidrop_jax.layers.rope import rope_tables
     aot = _aot()
@@ -337,7 +337,7 @@ def test_one_layer_segments_under_full_remat_hold_less_than_without_remat():
         def loss(p, h):
             q = jnp.broadcast_to(jnp.arange(S), (B, S))
             for i in range(N):
-                h = one.apply({"params": jax.tree.map(lambda a: a[i:i + 1], p)}, h,
+                h = one.apply({"params": slice_layers(p, i, i + 1)}, h,
                               rope_tables(q, 128, 1e4), q, q >= 0)[0]
             return (h.astype(jnp.float32) ** 2).sum()
         compiled = jax.jit(jax.grad(loss)).lower(on_chip(params), on_chip(x)).compile()
