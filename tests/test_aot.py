@@ -308,6 +308,32 @@ def test_tpu_aot_max_batch_killed_half_way_resumes_from_its_probes_file(monkeypa
     assert len(tpu_aot.done_rows(out)) == 2
 
 
+def test_tpu_aot_table_compares_largest_batch_rows_per_row(tmp_path):
+    """`tpu_aot.py --table`: a schedule searched to its largest batch (11 rows) is compared with
+    vanilla's largest batch (9 rows) per row, i.e. by throughput; a plain row with vanilla at its
+    own batch. Steps 9 s for 9 rows and 5.5 s for 11: 0.5 per row (the step ratio alone, 0.611,
+    would compare different batches)."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import tpu_aot
+
+    def row(schedule, batch, step, largest):
+        gib = 2 ** 30
+        return dict(model="7b", stage="s2", topology="v5e:8x8", remat="full", mesh_arg=[1, -1, 1],
+                    mesh={"data": 1, "fsdp": 64, "tensor": 1}, attention_impl="pallas",
+                    schedule=schedule, batch_per_device=batch, est_step_s=step, est_mfu=0.8,
+                    model_flops_per_device=2.0 * step, max_batch=largest, compile_s=1.0,
+                    bytes_per_device=dict(temp=gib, total=2 * gib), hbm_bytes_per_device=16 * gib,
+                    fits=True, compiler_fits=True, **({"max_batch_per_device": batch} if largest else {}))
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (
+        row("vanilla", 9, 9.0, True), row("tok64", 11, 5.5, True),
+        row("vanilla", 2, 1.0, False), row("tok64", 2, 0.75, False))))
+    cells = {(c[6], c[7]): c for c in (line.split(" | ") for line in tpu_aot.table(str(path)).splitlines()[2:])}
+    assert cells[("tok64", "11")][14:16] == ["0.500", "0.500"]
+    assert cells[("tok64", "2")][14:16] == ["0.750", "0.750"]
+    assert cells[("vanilla", "9")][14] == cells[("vanilla", "2")][14] == "1.000"
+
+
 def test_one_layer_segments_under_full_remat_hold_less_than_without_remat():
     """HiDrop runs a one-layer segment at the injection and after every cut. XLA unrolls a
     one-trip scan, and a remat that relied on the loop to keep its recompute apart was merged
