@@ -15,8 +15,8 @@ one-layer remat fix (`layers.common.stacked`, 2026-12-07) are in
 `aot_memory_scaling_before_remat_fix.jsonl`: they overstate what HiDrop's one-layer segments
 (and vanilla's injection layer) hold, which is also why depth 2 "compiled differently" then.
 A slope is a reading of what each compile chose, not a need: where HBM is free the compiler
-keeps more in flight (7B vanilla on v5e: 12.72 GiB of temporaries at 5 rows, 11.91 at 8), so a
-batch's fit is `tpu_aot.py --max-batch`'s question, never this extrapolation's.
+uses more (7B vanilla on v5e: 12.72 GiB of temporaries at 5 rows, 11.91 at 8), so a batch's
+fit is `tpu_aot.py --max-batch`'s question, never this extrapolation's.
 """
 
 from __future__ import annotations
